@@ -1,0 +1,113 @@
+"""Contract-and-Broadcast Self-Attention for a pretrained softmax-attention layer.
+
+Per head (``Q, K, V``: ``N x d`` from the layer's pretrained projections, ``s = d^-1/2``,
+``m`` representatives, the first ``t`` tokens are prefix tokens)::
+
+    1. initialise   P   = pool(Q[t:])                       m x d   (pooled queries on the grid)
+    2. extract      A   = softmax(s P K^T)                  m x N   (softmax over all N tokens)
+                    K_r = A K,   V_r = A V                  m x d   (representatives)
+    3. contract     C   = V_r + gamma * softmax(s P K_r^T) V_r      (m x m, among representatives)
+    4. broadcast    out = kappa * B C                       N x d
+                    B   = softmax(s Q K_r^T)          broadcast="key"       (default)
+                    B   = softmax(s Q P^T)            broadcast="query"     (Agent Attention)
+                    B   = A^T / (A^T 1)               broadcast="transpose" (the paper's A^T)
+
+``gamma`` (contraction step) and ``kappa`` (broadcast step) are learnable per head, with
+unconstrained sign; ``gamma`` starts at 0, so a freshly converted CBSA layer is exactly its
+contraction-free form, and ``kappa`` starts at 1. The output projection ``W_o`` of the
+pretrained layer is applied afterwards by the owning module. Cost per head: ``O(N m d)``
+for steps 2 and 4 and ``O(m^2 d)`` for step 3 -- linear in ``N``.
+
+The contraction among representatives uses the pretrained query/key similarity: the
+representative queries ``P`` attend to the extracted representative keys ``K_r``, so the
+``m x m`` step is softmax attention of the pretrained layer restricted to the
+representatives (the paper's ``softmax(R R^T) R`` with ``R`` split into its pretrained
+query, key and value views).
+
+Steps 2-4 are fused scaled-dot-product-attention calls (``key``/``query`` broadcast); the
+``transpose`` broadcast needs ``A`` explicitly and uses plain matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layout import TokenLayout, pool_patches
+
+BROADCASTS = ("key", "query", "transpose")
+
+
+class CBSAMixer(nn.Module):
+    """Token mixer of a converted layer: ``(q, k, v) -> context``, all ``B x H x N x d``.
+
+    Args:
+        num_heads: number of heads ``H``.
+        head_dim: width ``d`` of a head.
+        rep_grid: representative grid ``(gh, gw)``; ``m = gh * gw``.
+        broadcast: how representatives are broadcast back to the tokens (see module docstring).
+        scale: attention scale; defaults to ``head_dim ** -0.5`` as in the pretrained layer.
+    """
+
+    contraction: bool = True
+    variant: str = "cbsa"
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        rep_grid: Tuple[int, int],
+        broadcast: str = "key",
+        scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        if broadcast not in BROADCASTS:
+            raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}")
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
+        self.broadcast = broadcast
+        self.scale = float(scale) if scale is not None else head_dim ** -0.5
+        self.kappa = nn.Parameter(torch.ones(num_heads))
+        if self.contraction:
+            self.gamma = nn.Parameter(torch.zeros(num_heads))
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.num_heads}, head_dim={self.head_dim}, representatives={self.rep_grid[0]}x"
+            f"{self.rep_grid[1]}, broadcast={self.broadcast!r}, contraction={self.contraction}"
+        )
+
+    def representatives(self, q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """Step 1: pooled queries ``P`` (``B x H x m x d``)."""
+        prefix, h, w = layout.split(q.shape[-2])
+        return pool_patches(q, prefix, h, w, self.rep_grid)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        p = self.representatives(q, layout)
+        s = self.scale
+        if self.broadcast == "transpose":
+            a = torch.softmax((p @ k.transpose(-2, -1)) * s, dim=-1)  # B H m N
+            k_r, v_r = a @ k, a @ v
+        elif self.broadcast == "key" or self.contraction:
+            kv_r = F.scaled_dot_product_attention(p, k, torch.cat((k, v), dim=-1), scale=s)
+            k_r, v_r = kv_r.split(self.head_dim, dim=-1)
+        else:
+            k_r, v_r = None, F.scaled_dot_product_attention(p, k, v, scale=s)
+
+        c = v_r
+        if self.contraction:
+            gamma = self.gamma.view(1, -1, 1, 1).to(v_r.dtype)
+            c = v_r + gamma * F.scaled_dot_product_attention(p, k_r, v_r, scale=s)
+
+        if self.broadcast == "key":
+            out = F.scaled_dot_product_attention(q, k_r, c, scale=s)
+        elif self.broadcast == "query":
+            out = F.scaled_dot_product_attention(q, p, c, scale=s)
+        else:
+            at = a.transpose(-2, -1)  # B H N m
+            out = (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
+        return out * self.kappa.view(1, -1, 1, 1).to(out.dtype)

@@ -1,0 +1,248 @@
+"""``convert``: replace a ViT's softmax self-attention with CBSA-family attention, all-or-nothing.
+
+The walk: find every attention module an adapter recognises (in module order, which is block
+order), select the requested ones, build every replacement first (sharing the pretrained
+q/k/v/o ``nn.Linear`` layers), and only then swap them in and hook the patch embedding so
+that the converted layers see the patch grid of each input. Any error before the swap
+leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from . import __version__
+from .adapters import ADAPTERS, Adapter, ConvertedAttention, find_adapter
+from .attention import BROADCASTS, VARIANTS, build_mixer
+from .layout import GridLike, GridRecorder, TokenLayout, as_grid
+
+logger = logging.getLogger("vit2cbsa")
+
+LayerSelector = Union[None, int, Sequence[int], slice, Callable[[int, str, nn.Module], bool]]
+
+_INFO_ATTR = "vit2cbsa_info"
+_LAYOUT_ATTR = "_vit2cbsa_layout"
+_HOOK_ATTR = "_vit2cbsa_hook"
+
+
+@dataclass
+class ConvertedLayer:
+    index: int
+    name: str
+    family: str
+    num_heads: int
+    head_dim: int
+
+
+@dataclass
+class ConversionInfo:
+    """What :func:`convert` did; attached to the model as ``model.vit2cbsa_info``."""
+
+    variant: str
+    num_representatives: Tuple[int, int]
+    broadcast: str
+    num_attention_layers: int
+    converted: List[ConvertedLayer] = field(default_factory=list)
+    patch_embedding: str = ""
+    new_parameters: int = 0
+    library_version: str = __version__
+
+    @property
+    def converted_indices(self) -> List[int]:
+        return [layer.index for layer in self.converted]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["num_representatives"] = list(self.num_representatives)
+        return d
+
+    def __str__(self) -> str:
+        gh, gw = self.num_representatives
+        rows = [
+            f"vit2cbsa: converted {len(self.converted)}/{self.num_attention_layers} attention layers to "
+            f"{self.variant!r} ({gh}x{gw}={gh * gw} representatives, broadcast={self.broadcast!r}); "
+            f"patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",
+        ]
+        rows += [f"  [{l.index:>2}] {l.name}  ({l.family}, {l.num_heads} heads x {l.head_dim})" for l in self.converted]
+        return "\n".join(rows)
+
+
+def _select(selector: LayerSelector, candidates: List[Tuple[str, nn.Module]]) -> List[int]:
+    n = len(candidates)
+    if selector is None:
+        return list(range(n))
+    if isinstance(selector, slice):
+        return list(range(n))[selector]
+    if callable(selector):
+        return [i for i, (name, mod) in enumerate(candidates) if selector(i, name, mod)]
+    if isinstance(selector, bool):
+        raise TypeError("layers must be None, an index, a sequence of indices, a slice or a predicate; got a bool")
+    indices = [selector] if isinstance(selector, int) else list(selector)
+    out = []
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layers must hold integer block indices, got {i!r}")
+        if not -n <= i < n:
+            raise ValueError(f"layer index {i} is out of range: the model has {n} convertible attention layers (0..{n - 1})")
+        out.append(i % n)
+    return sorted(set(out))
+
+
+def find_patch_embedding(model: nn.Module) -> Tuple[str, nn.Conv2d]:
+    """The model's patchify convolution (``kernel_size == stride``), whose output grid is the patch grid."""
+    convs = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride) and max(m.stride) > 1
+    ]
+    if not convs:
+        raise ValueError(
+            "vit2cbsa: no patch embedding (a Conv2d with kernel_size == stride) was found, so converted layers "
+            "could not know the patch grid. Convert the whole vision model (e.g. the timm model, or the HF "
+            "ViTModel / CLIPVisionModel), not a sub-module."
+        )
+    if len(convs) > 1:
+        names = ", ".join(n for n, _ in convs)
+        raise ValueError(
+            f"vit2cbsa: found several patch embeddings ({names}); convert the vision tower on its own "
+            "(e.g. `model.vision_model`)."
+        )
+    return convs[0]
+
+
+def _unsupported_attention_names(model: nn.Module) -> List[str]:
+    return sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
+
+
+def is_converted(model: nn.Module) -> bool:
+    """True if ``model`` contains attention layers converted by vit2cbsa."""
+    return any(isinstance(m, ConvertedAttention) for m in model.modules())
+
+
+def convert(
+    model: nn.Module,
+    variant: str = "cbsa",
+    num_representatives: GridLike = 64,
+    layers: LayerSelector = None,
+    *,
+    broadcast: str = "key",
+    inplace: bool = True,
+    verbose: bool = False,
+) -> nn.Module:
+    """Replace the softmax self-attention of a pretrained ViT with a CBSA-family attention.
+
+    Args:
+        model: a timm ``VisionTransformer`` (any of its variants) or a Hugging Face ViT, DeiT,
+            DINOv2 (with or without registers), CLIP or SigLIP vision model.
+        variant: ``"cbsa"`` (extract, contract among representatives, broadcast),
+            ``"contraction_free"`` (no contraction; Agent-Attention-like) or ``"linear"``
+            (kernelised linear attention). See :mod:`vit2cbsa.attention`.
+        num_representatives: representatives per head: a square count (64 = an 8x8 grid) or an
+            ``(h, w)`` grid. On inputs whose patch grid is smaller along an axis, that axis of the
+            representative grid is clamped to the patch grid (each patch is its own representative).
+            Ignored by ``"linear"``.
+        layers: which attention layers to convert, indexed in block order: ``None`` (all), an int,
+            a sequence of ints (negative allowed), a ``slice`` (``slice(6, None)`` = the paper's
+            hybrid with the first half kept softmax), or a predicate ``f(index, name, module)``.
+        broadcast: how representatives are broadcast back to tokens: ``"key"`` (softmax over
+            extracted representative keys, default), ``"query"`` (over pooled queries, Agent
+            Attention) or ``"transpose"`` (the paper's ``A^T``).
+        inplace: modify ``model`` itself (default) or a deep copy of it.
+        verbose: log the summary at INFO level (it is always available as ``model.vit2cbsa_info``).
+
+    Returns:
+        The converted model, with ``model.vit2cbsa_info`` (a :class:`ConversionInfo`).
+
+    Raises:
+        ValueError / TypeError on a bad option, an already converted model, a model without
+        supported attention or without a patch embedding. The model is then left unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    if broadcast not in BROADCASTS:
+        raise ValueError(f"unknown broadcast {broadcast!r}; choose one of {list(BROADCASTS)}")
+    rep_grid = as_grid(num_representatives)
+    if is_converted(model):
+        raise ValueError(
+            "vit2cbsa: this model is already converted (it contains CBSA-family attention). Convert the "
+            "original model, or load a converted checkpoint with vit2cbsa.from_pretrained."
+        )
+
+    candidates: List[Tuple[str, nn.Module, Adapter]] = []
+    for name, module in model.named_modules():
+        adapter = find_adapter(module)
+        if adapter is not None:
+            candidates.append((name, module, adapter))
+    if not candidates:
+        found = _unsupported_attention_names(model)
+        raise TypeError(
+            f"vit2cbsa: {type(model).__name__} has no supported self-attention module"
+            + (f" (found: {', '.join(found)})" if found else "")
+            + f". Supported families: {', '.join(a.name for a in ADAPTERS)} -- timm VisionTransformer "
+            "(timm.layers.Attention) and Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision towers. "
+            "Register an adapter with vit2cbsa.adapters.register_adapter for another family."
+        )
+    selected = _select(layers, [(n, m) for n, m, _ in candidates])
+    if not selected:
+        raise ValueError(f"layers={layers!r} selects none of the {len(candidates)} attention layers")
+    patch_name, _ = find_patch_embedding(model)
+
+    if not inplace:
+        model = copy.deepcopy(model)
+        modules = dict(model.named_modules())
+        candidates = [(n, modules[n], a) for n, _, a in candidates]
+
+    # Build every replacement before touching the model (all-or-nothing).
+    layout = TokenLayout()
+    replacements = []
+    info = ConversionInfo(variant, rep_grid, broadcast, len(candidates), patch_embedding=patch_name)
+    for i in selected:
+        name, module, adapter = candidates[i]
+        spec = adapter.describe(module)
+        mixer = build_mixer(variant, spec.num_heads, spec.head_dim, rep_grid, broadcast, spec.scale)
+        new = adapter.build(module, mixer, layout)
+        new.train(module.training)
+        ref = next(module.parameters(), None)
+        if ref is not None:
+            new.mixer.to(device=ref.device, dtype=ref.dtype)
+        replacements.append((name, new))
+        info.converted.append(ConvertedLayer(i, name, adapter.name, spec.num_heads, spec.head_dim))
+        info.new_parameters += sum(p.numel() for p in new.new_parameters())
+
+    for name, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    patch = model.get_submodule(patch_name)
+    handle = patch.register_forward_hook(GridRecorder(layout))
+    object.__setattr__(model, _LAYOUT_ATTR, layout)
+    object.__setattr__(model, _HOOK_ATTR, handle)
+    object.__setattr__(model, _INFO_ATTR, info)
+    if verbose:
+        logger.info("%s", info)
+    return model
+
+
+def conversion_info(model: nn.Module) -> Optional[ConversionInfo]:
+    """The :class:`ConversionInfo` of a converted model, or ``None``."""
+    return getattr(model, _INFO_ATTR, None)
+
+
+def layout_of(model: nn.Module) -> TokenLayout:
+    """The shared :class:`TokenLayout` of a converted model (to set the grid by hand)."""
+    layout = getattr(model, _LAYOUT_ATTR, None)
+    if layout is None:
+        raise ValueError("vit2cbsa: this model was not converted with vit2cbsa.convert")
+    return layout
+
+
+def new_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Parameters added by the conversion (step sizes, feature maps) across all converted layers."""
+    return [p for m in model.modules() if isinstance(m, ConvertedAttention) for p in m.new_parameters()]

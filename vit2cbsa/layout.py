@@ -1,0 +1,140 @@
+"""Token layout of a ViT sequence and pooling of its patch tokens into representatives.
+
+A ViT attention layer sees ``N = t + h * w`` tokens: ``t`` prefix tokens (class,
+distillation, register tokens) followed by the ``h x w`` patch grid in row-major order.
+The grid is never guessed from ``N`` (no ``int(sqrt(N))``): a forward hook on the model's
+patch-embedding convolution records the grid of the *actual* input, and each converted
+attention layer reads it and derives ``t = N - h * w``.
+
+Representative initialisation (CBSA step 1) is average pooling of the patch tokens over
+the grid, prefix tokens excluded::
+
+    P[i, j] = mean_{r in R_i, c in C_j} W[t + r * w + c]
+    R_i = [floor(i * h / gh), ceil((i + 1) * h / gh)),   C_j likewise with w, gw
+
+which is exactly :func:`torch.nn.functional.adaptive_avg_pool2d` (equal windows when
+``gh`` divides ``h``). When the patch grid is smaller than the representative grid along
+an axis, that axis of the representative grid is clamped to the patch grid (each patch
+is then its own representative) instead of duplicating tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GridLike = Union[int, Tuple[int, int]]
+
+
+def as_grid(num_representatives: GridLike) -> Tuple[int, int]:
+    """Normalise ``num_representatives`` (a square count such as 64, or ``(gh, gw)``) to a grid.
+
+    Raises ``ValueError`` for non-positive values or a count that is not a perfect square.
+    """
+    if isinstance(num_representatives, bool):
+        raise TypeError("num_representatives must be an int or an (h, w) tuple, not a bool")
+    if isinstance(num_representatives, int):
+        if num_representatives <= 0:
+            raise ValueError(
+                f"num_representatives must be positive, got {num_representatives}; "
+                "use e.g. 64 (an 8x8 grid) or a tuple such as (4, 8)"
+            )
+        side = int(round(num_representatives ** 0.5))
+        if side * side != num_representatives:
+            raise ValueError(
+                f"num_representatives={num_representatives} is not a square number, so it cannot be "
+                f"laid out as a square grid; pass an (h, w) tuple instead, e.g. "
+                f"({_near_factor(num_representatives)}, {num_representatives // _near_factor(num_representatives)})"
+            )
+        return side, side
+    if isinstance(num_representatives, (tuple, list)) and len(num_representatives) == 2:
+        gh, gw = num_representatives
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (gh, gw)):
+            raise TypeError(f"representative grid must hold two ints, got {num_representatives!r}")
+        if gh <= 0 or gw <= 0:
+            raise ValueError(f"representative grid must be positive, got {tuple(num_representatives)}")
+        return int(gh), int(gw)
+    raise TypeError(
+        f"num_representatives must be an int (e.g. 64) or an (h, w) tuple, got {num_representatives!r}"
+    )
+
+
+def _near_factor(n: int) -> int:
+    best = 1
+    for f in range(1, int(n ** 0.5) + 1):
+        if n % f == 0:
+            best = f
+    return best
+
+
+class TokenLayout:
+    """Where the patch grid of the current forward pass lives; shared by all converted layers.
+
+    ``grid`` is set by :class:`GridRecorder` from the patch-embedding output on every forward
+    pass (or by :meth:`use_grid` for callers that run attention layers on their own).
+    """
+
+    def __init__(self, grid: Optional[Tuple[int, int]] = None) -> None:
+        self.grid = grid
+
+    def use_grid(self, grid: Tuple[int, int]) -> "TokenLayout":
+        """Set the patch grid explicitly (for running converted blocks without the model)."""
+        self.grid = (int(grid[0]), int(grid[1]))
+        return self
+
+    def split(self, num_tokens: int) -> Tuple[int, int, int]:
+        """Return ``(num_prefix, h, w)`` for a sequence of ``num_tokens`` tokens."""
+        grid = self.grid
+        if grid is None:
+            raise ValueError(
+                "vit2cbsa: the patch grid of this input is unknown. Converted attention layers read it "
+                "from the model's patch embedding, so call the whole model (not a block on its own), "
+                "or set it explicitly with `vit2cbsa.layout_of(model).use_grid((h, w))`."
+            )
+        h, w = grid
+        prefix = num_tokens - h * w
+        if prefix < 0:
+            raise ValueError(
+                f"vit2cbsa: attention received {num_tokens} tokens but the patch grid is {h}x{w} = {h * w} "
+                "patches; this model changes the token count between the patch embedding and attention "
+                "(token merging/pooling), which converted layers do not support."
+            )
+        return prefix, h, w
+
+    def __repr__(self) -> str:
+        return f"TokenLayout(grid={self.grid})"
+
+
+class GridRecorder:
+    """Forward hook for a patch-embedding ``Conv2d``: records its output's spatial size."""
+
+    def __init__(self, layout: TokenLayout) -> None:
+        self.layout = layout
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if output.dim() == 4:
+            self.layout.grid = (int(output.shape[-2]), int(output.shape[-1]))
+
+
+def effective_grid(rep_grid: Tuple[int, int], h: int, w: int) -> Tuple[int, int]:
+    """The representative grid actually used on an ``h x w`` patch grid (clamped to it)."""
+    return min(rep_grid[0], h), min(rep_grid[1], w)
+
+
+def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tuple[int, int]) -> torch.Tensor:
+    """Average-pool the patch tokens of ``tokens`` (``B, H, N, d``) to ``B, H, m, d`` representatives.
+
+    Prefix tokens (the first ``prefix``) are excluded. Works without copying when the head
+    axis is a view of a ``(B, N, H, d)`` tensor (the usual ``qkv`` layout): the patches are
+    then a channels-last image, which ``adaptive_avg_pool2d`` reads directly.
+    """
+    b, nh, n, d = tokens.shape
+    gh, gw = effective_grid(rep_grid, h, w)
+    patches = tokens[:, :, prefix:, :]  # B, H, hw, d
+    # (B, hw, H*d) -> image (B, H*d, h, w), channels-last when tokens is a head-split view.
+    img = patches.transpose(1, 2).reshape(b, h, w, nh * d).permute(0, 3, 1, 2)
+    pooled = F.adaptive_avg_pool2d(img, (gh, gw))  # B, H*d, gh, gw
+    return pooled.flatten(2).transpose(1, 2).reshape(b, gh * gw, nh, d).transpose(1, 2)
