@@ -63,10 +63,10 @@ class ConversionInfo:
 
     def __str__(self) -> str:
         gh, gw = self.num_representatives
+        how = "" if self.variant == "linear" else f" ({gh}x{gw}={gh * gw} representatives, broadcast={self.broadcast!r})"
         rows = [
             f"vit2cbsa: converted {len(self.converted)}/{self.num_attention_layers} attention layers to "
-            f"{self.variant!r} ({gh}x{gw}={gh * gw} representatives, broadcast={self.broadcast!r}); "
-            f"patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",
+            f"{self.variant!r}{how}; patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",
         ]
         rows += [f"  [{l.index:>2}] {l.name}  ({l.family}, {l.num_heads} heads x {l.head_dim})" for l in self.converted]
         return "\n".join(rows)

@@ -1,0 +1,138 @@
+"""Variant modules against straightforward per-head references written independently here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vit2cbsa.attention import CBSA, CBSAMixer, ContractionFreeMixer, LinearMixer
+from vit2cbsa.layout import TokenLayout
+
+torch.manual_seed(0)
+B, H, D, PREFIX, GH, GW = 2, 3, 8, 2, 6, 4
+
+
+def _qkv(n):
+    return [torch.randn(B, H, n, D, dtype=torch.float64) for _ in range(3)]
+
+
+def _pool_by_hand(t, prefix, h, w, rh, rw):
+    """Mean over (h/rh x w/rw) blocks of the patch tokens, row-major; ``t``: (N, d)."""
+    grid = t[prefix:].reshape(h, w, -1)
+    reps = [grid[i * h // rh:(i + 1) * h // rh, j * w // rw:(j + 1) * w // rw].reshape(-1, t.shape[-1]).mean(0)
+            for i in range(rh) for j in range(rw)]
+    return torch.stack(reps)
+
+
+def _reference_mixer(q, k, v, kappa, gamma, broadcast, rh, rw):
+    s = D ** -0.5
+    out = torch.empty_like(q)
+    for b in range(B):
+        for hd in range(H):
+            Q, K, V = q[b, hd], k[b, hd], v[b, hd]
+            P = _pool_by_hand(Q, PREFIX, GH, GW, rh, rw)
+            A = torch.softmax(s * P @ K.T, dim=1)
+            Kr, Vr = A @ K, A @ V
+            C = Vr + gamma[hd] * torch.softmax(s * P @ Kr.T, dim=1) @ Vr
+            if broadcast == "key":
+                Bm = torch.softmax(s * Q @ Kr.T, dim=1)
+            elif broadcast == "query":
+                Bm = torch.softmax(s * Q @ P.T, dim=1)
+            else:
+                Bm = A.T / A.T.sum(dim=1, keepdim=True)
+            out[b, hd] = kappa[hd] * Bm @ C
+    return out
+
+
+@pytest.mark.parametrize("broadcast", ["key", "query", "transpose"])
+@pytest.mark.parametrize("cls", [CBSAMixer, ContractionFreeMixer])
+def test_cbsa_mixer_matches_reference(cls, broadcast):
+    n = PREFIX + GH * GW
+    q, k, v = _qkv(n)
+    mixer = cls(H, D, (3, 2), broadcast=broadcast).double()
+    with torch.no_grad():
+        mixer.kappa.copy_(torch.tensor([1.0, -0.5, 2.0]))
+        if mixer.contraction:
+            mixer.gamma.copy_(torch.tensor([0.3, -1.2, 0.7]))
+    gamma = mixer.gamma if mixer.contraction else torch.zeros(H)
+    out = mixer(q, k, v, TokenLayout((GH, GW)))
+    ref = _reference_mixer(q, k, v, mixer.kappa.detach(), gamma.detach(), broadcast, 3, 2)
+    torch.testing.assert_close(out, ref)
+
+
+def test_zero_contraction_gate_equals_contraction_free():
+    n = PREFIX + GH * GW
+    q, k, v = _qkv(n)
+    layout = TokenLayout((GH, GW))
+    full, free = CBSAMixer(H, D, (2, 2)).double(), ContractionFreeMixer(H, D, (2, 2)).double()
+    torch.testing.assert_close(full(q, k, v, layout), free(q, k, v, layout))
+    with torch.no_grad():
+        full.gamma.fill_(0.5)
+    assert (full(q, k, v, layout) - free(q, k, v, layout)).abs().max() > 1e-3
+
+
+def test_linear_mixer_matches_quadratic_kernel_form():
+    n = 17
+    q, k, v = _qkv(n)
+    mixer = LinearMixer(H, D).double()
+    with torch.no_grad():
+        mixer.feature_map.add_(0.1 * torch.randn_like(mixer.feature_map))
+        mixer.kappa.copy_(torch.tensor([1.0, 2.0, -1.0]))
+    out = mixer(q, k, v)
+    ref = torch.empty_like(q)
+    for b in range(B):
+        for hd in range(H):
+            F_ = mixer.feature_map[hd].detach()
+            phi = lambda x: torch.nn.functional.elu(x @ F_) + 1
+            kern = phi(q[b, hd]) @ phi(k[b, hd]).T  # N x N, materialised on purpose
+            ref[b, hd] = mixer.kappa[hd].detach() * (kern / kern.sum(1, keepdim=True)) @ v[b, hd]
+    torch.testing.assert_close(out, ref)
+
+
+def test_pure_cbsa_with_tokens_as_representatives_is_mssa():
+    torch.manual_seed(1)
+    dim, heads, n = 12, 3, 10
+    layer = CBSA(dim, heads, num_representatives=4).double()
+    with torch.no_grad():
+        layer.kappa.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    x = torch.randn(2, n, dim, dtype=torch.float64)
+    out = layer(x, coefficients=torch.eye(n, dtype=torch.float64))
+    # MSSA, written out: dX_k = kappa_k softmax(W_k W_k^T / sqrt(p)) W_k, W_k = X U_k
+    p = dim // heads
+    U = layer.subspaces.weight.detach().T  # D x D, columns [U_1 | U_2 | U_3]
+    parts = []
+    for kh in range(heads):
+        W = x @ U[:, kh * p:(kh + 1) * p]
+        parts.append(layer.kappa[kh].detach() * torch.softmax(W @ W.transpose(1, 2) / p ** 0.5, dim=-1) @ W)
+    ref = torch.cat(parts, dim=-1) @ layer.out.weight.detach().T + layer.out.bias.detach()
+    torch.testing.assert_close(out, ref)
+
+
+def test_pure_cbsa_full_step_matches_equations():
+    torch.manual_seed(2)
+    dim, heads, h, w, prefix = 8, 2, 4, 4, 1
+    layer = CBSA(dim, heads, num_representatives=(2, 2), eta=0.7, kappa=1.3).double()
+    x = torch.randn(1, prefix + h * w, dim, dtype=torch.float64, requires_grad=True)
+    out = layer(x, grid=(h, w))
+    p = dim // heads
+    U = layer.subspaces.weight.detach().T
+    parts = []
+    for kh in range(heads):
+        W = x[0] @ U[:, kh * p:(kh + 1) * p]
+        P = _pool_by_hand(W, prefix, h, w, 2, 2)
+        A = torch.softmax(P @ W.T / p ** 0.5, dim=1)
+        R = P + 0.7 * A @ W
+        C = torch.softmax(R @ R.T / p ** 0.5, dim=1) @ R
+        parts.append(1.3 * A.T @ C)
+    ref = torch.cat(parts, dim=-1) @ layer.out.weight.detach().T + layer.out.bias.detach()
+    torch.testing.assert_close(out[0], ref)
+    out.sum().backward()  # stop-gradient on P: gradient still flows through extraction
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_pure_cbsa_needs_grid():
+    layer = CBSA(8, 2)
+    with pytest.raises(ValueError, match="grid"):
+        layer(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        CBSA(10, 3)
