@@ -24,20 +24,20 @@ def _pool_by_hand(t, prefix, h, w, rh, rw):
     return torch.stack(reps)
 
 
-def _reference_mixer(q, k, v, kappa, gamma, broadcast, rh, rw):
+def _reference_mixer(q, k, v, kappa, gamma, ta, tb, broadcast, rh, rw):
     s = D ** -0.5
     out = torch.empty_like(q)
     for b in range(B):
         for hd in range(H):
             Q, K, V = q[b, hd], k[b, hd], v[b, hd]
             P = _pool_by_hand(Q, PREFIX, GH, GW, rh, rw)
-            A = torch.softmax(s * P @ K.T, dim=1)
+            A = torch.softmax(s * ta[hd] * P @ K.T, dim=1)
             Kr, Vr = A @ K, A @ V
-            C = Vr + gamma[hd] * torch.softmax(s * P @ Kr.T, dim=1) @ Vr
+            C = Vr + gamma[hd] * torch.softmax(s * ta[hd] * P @ Kr.T, dim=1) @ Vr
             if broadcast == "key":
-                Bm = torch.softmax(s * Q @ Kr.T, dim=1)
+                Bm = torch.softmax(s * tb[hd] * Q @ Kr.T, dim=1)
             elif broadcast == "query":
-                Bm = torch.softmax(s * Q @ P.T, dim=1)
+                Bm = torch.softmax(s * tb[hd] * Q @ P.T, dim=1)
             else:
                 Bm = A.T / A.T.sum(dim=1, keepdim=True)
             out[b, hd] = kappa[hd] * Bm @ C
@@ -52,11 +52,13 @@ def test_cbsa_mixer_matches_reference(cls, broadcast):
     mixer = cls(H, D, (3, 2), broadcast=broadcast).double()
     with torch.no_grad():
         mixer.kappa.copy_(torch.tensor([1.0, -0.5, 2.0]))
+        mixer.log_temperature.copy_(torch.tensor([[0.2, -0.3, 0.5], [-0.4, 0.1, 0.3]]))
         if mixer.contraction:
             mixer.gamma.copy_(torch.tensor([0.3, -1.2, 0.7]))
     gamma = mixer.gamma if mixer.contraction else torch.zeros(H)
     out = mixer(q, k, v, TokenLayout((GH, GW)))
-    ref = _reference_mixer(q, k, v, mixer.kappa.detach(), gamma.detach(), broadcast, 3, 2)
+    ta, tb = mixer.log_temperature.detach().exp()
+    ref = _reference_mixer(q, k, v, mixer.kappa.detach(), gamma.detach(), ta, tb, broadcast, 3, 2)
     torch.testing.assert_close(out, ref)
 
 

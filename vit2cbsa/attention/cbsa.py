@@ -4,17 +4,20 @@ Per head (``Q, K, V``: ``N x d`` from the layer's pretrained projections, ``s = 
 ``m`` representatives, the first ``t`` tokens are prefix tokens)::
 
     1. initialise   P   = pool(Q[t:])                       m x d   (pooled queries on the grid)
-    2. extract      A   = softmax(s P K^T)                  m x N   (softmax over all N tokens)
+    2. extract      A   = softmax(s e^a P K^T)              m x N   (softmax over all N tokens)
                     K_r = A K,   V_r = A V                  m x d   (representatives)
-    3. contract     C   = V_r + gamma * softmax(s P K_r^T) V_r      (m x m, among representatives)
+    3. contract     C   = V_r + gamma * softmax(s e^a P K_r^T) V_r  (m x m, among representatives)
     4. broadcast    out = kappa * B C                       N x d
-                    B   = softmax(s Q K_r^T)          broadcast="key"       (default)
-                    B   = softmax(s Q P^T)            broadcast="query"     (Agent Attention)
+                    B   = softmax(s e^b Q K_r^T)      broadcast="key"       (default)
+                    B   = softmax(s e^b Q P^T)        broadcast="query"     (Agent Attention)
                     B   = A^T / (A^T 1)               broadcast="transpose" (the paper's A^T)
 
 ``gamma`` (contraction step) and ``kappa`` (broadcast step) are learnable per head, with
 unconstrained sign; ``gamma`` starts at 0, so a freshly converted CBSA layer is exactly its
-contraction-free form, and ``kappa`` starts at 1. The output projection ``W_o`` of the
+contraction-free form, and ``kappa`` starts at 1. ``a`` and ``b`` are learnable per-head log
+temperatures of the extraction and broadcast softmaxes (``log_temperature[0]``, ``[1]``),
+starting at 0 (the pretrained scale): pooled queries are averages and less peaked than single
+queries, which alignment can compensate for. The output projection ``W_o`` of the
 pretrained layer is applied afterwards by the owning module. Cost per head: ``O(N m d)``
 for steps 2 and 4 and ``O(m^2 d)`` for step 3 -- linear in ``N``.
 
@@ -72,6 +75,7 @@ class CBSAMixer(nn.Module):
         self.broadcast = broadcast
         self.scale = float(scale) if scale is not None else head_dim ** -0.5
         self.kappa = nn.Parameter(torch.ones(num_heads))
+        self.log_temperature = nn.Parameter(torch.zeros(2, num_heads))
         if self.contraction:
             self.gamma = nn.Parameter(torch.zeros(num_heads))
 
@@ -89,24 +93,26 @@ class CBSAMixer(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         p = self.representatives(q, layout)
         s = self.scale
+        temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1)
+        p_query = p * temp[0]  # representatives as queries (extraction, contraction)
         if self.broadcast == "transpose":
-            a = torch.softmax((p @ k.transpose(-2, -1)) * s, dim=-1)  # B H m N
+            a = torch.softmax((p_query @ k.transpose(-2, -1)) * s, dim=-1)  # B H m N
             k_r, v_r = a @ k, a @ v
         elif self.broadcast == "key" or self.contraction:
-            kv_r = F.scaled_dot_product_attention(p, k, torch.cat((k, v), dim=-1), scale=s)
+            kv_r = F.scaled_dot_product_attention(p_query, k, torch.cat((k, v), dim=-1), scale=s)
             k_r, v_r = kv_r.split(self.head_dim, dim=-1)
         else:
-            k_r, v_r = None, F.scaled_dot_product_attention(p, k, v, scale=s)
+            k_r, v_r = None, F.scaled_dot_product_attention(p_query, k, v, scale=s)
 
         c = v_r
         if self.contraction:
             gamma = self.gamma.view(1, -1, 1, 1).to(v_r.dtype)
-            c = v_r + gamma * F.scaled_dot_product_attention(p, k_r, v_r, scale=s)
+            c = v_r + gamma * F.scaled_dot_product_attention(p_query, k_r, v_r, scale=s)
 
         if self.broadcast == "key":
-            out = F.scaled_dot_product_attention(q, k_r, c, scale=s)
+            out = F.scaled_dot_product_attention(q * temp[1], k_r, c, scale=s)
         elif self.broadcast == "query":
-            out = F.scaled_dot_product_attention(q, p, c, scale=s)
+            out = F.scaled_dot_product_attention(q * temp[1], p, c, scale=s)
         else:
             at = a.transpose(-2, -1)  # B H N m
             out = (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
