@@ -127,14 +127,12 @@ def effective_grid(rep_grid: Tuple[int, int], h: int, w: int) -> Tuple[int, int]
 def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tuple[int, int]) -> torch.Tensor:
     """Average-pool the patch tokens of ``tokens`` (``B, H, N, d``) to ``B, H, m, d`` representatives.
 
-    Prefix tokens (the first ``prefix``) are excluded. Works without copying when the head
-    axis is a view of a ``(B, N, H, d)`` tensor (the usual ``qkv`` layout): the patches are
-    then a channels-last image, which ``adaptive_avg_pool2d`` reads directly.
+    Prefix tokens (the first ``prefix``) are excluded. Each head's patches are read as a
+    channels-last ``d x h x w`` image (a view when ``tokens`` is head-major contiguous).
     """
     b, nh, n, d = tokens.shape
     gh, gw = effective_grid(rep_grid, h, w)
-    patches = tokens[:, :, prefix:, :]  # B, H, hw, d
-    # (B, hw, H*d) -> image (B, H*d, h, w), channels-last when tokens is a head-split view.
-    img = patches.transpose(1, 2).reshape(b, h, w, nh * d).permute(0, 3, 1, 2)
-    pooled = F.adaptive_avg_pool2d(img, (gh, gw))  # B, H*d, gh, gw
-    return pooled.flatten(2).transpose(1, 2).reshape(b, gh * gw, nh, d).transpose(1, 2)
+    # (B H, d, h, w) image per head: a view when the heads are contiguous N x d blocks
+    img = tokens[:, :, prefix:, :].reshape(b * nh, h, w, d).permute(0, 3, 1, 2)
+    pooled = F.adaptive_avg_pool2d(img, (gh, gw))  # B H, d, gh, gw
+    return pooled.reshape(b, nh, d, gh * gw).transpose(-2, -1)

@@ -27,8 +27,10 @@ representative queries ``P`` attend to the extracted representative keys ``K_r``
 representatives (the paper's ``softmax(R R^T) R`` with ``R`` split into its pretrained
 query, key and value views).
 
-Steps 2-4 are fused scaled-dot-product-attention calls (``key``/``query`` broadcast); the
-``transpose`` broadcast needs ``A`` explicitly and uses plain matmuls.
+Implementation: ``A`` is materialised (``m x N`` per head, linear in ``N``) and reused for
+``K_r`` and ``V_r``; the ``m x m`` contraction and the ``N x m`` broadcast are fused
+scaled-dot-product-attention calls. Temperatures and the scale are folded into the small
+``m x d`` operands, so no ``N x d`` tensor is rescaled.
 """
 
 from __future__ import annotations
@@ -91,18 +93,15 @@ class CBSAMixer(nn.Module):
         return pool_patches(q, prefix, h, w, self.rep_grid)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        p = self.representatives(q, layout)
+        p = self.representatives(q, layout)  # B H m d
         s = self.scale
         temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1)
-        p_query = p * temp[0]  # representatives as queries (extraction, contraction)
-        if self.broadcast == "transpose":
-            a = torch.softmax((p_query @ k.transpose(-2, -1)) * s, dim=-1)  # B H m N
-            k_r, v_r = a @ k, a @ v
-        elif self.broadcast == "key" or self.contraction:
-            kv_r = F.scaled_dot_product_attention(p_query, k, torch.cat((k, v), dim=-1), scale=s)
-            k_r, v_r = kv_r.split(self.head_dim, dim=-1)
-        else:
-            k_r, v_r = None, F.scaled_dot_product_attention(p_query, k, v, scale=s)
+        p_query = p * temp[0]  # representatives as queries of extraction and contraction
+        # Extraction with A materialised (m x N: linear in N); temperatures and the scale are folded
+        # into the m x d operands, never into the N x d ones.
+        a = torch.softmax((p_query * s) @ k.transpose(-2, -1), dim=-1)  # B H m N
+        v_r = a @ v
+        k_r = a @ k if (self.broadcast == "key" or self.contraction) else None
 
         c = v_r
         if self.contraction:
@@ -110,9 +109,9 @@ class CBSAMixer(nn.Module):
             c = v_r + gamma * F.scaled_dot_product_attention(p_query, k_r, v_r, scale=s)
 
         if self.broadcast == "key":
-            out = F.scaled_dot_product_attention(q * temp[1], k_r, c, scale=s)
+            out = F.scaled_dot_product_attention(q, k_r * temp[1], c, scale=s)
         elif self.broadcast == "query":
-            out = F.scaled_dot_product_attention(q * temp[1], p, c, scale=s)
+            out = F.scaled_dot_product_attention(q, p * temp[1], c, scale=s)
         else:
             at = a.transpose(-2, -1)  # B H N m
             out = (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
