@@ -8,15 +8,20 @@ __version__ = "0.1.0"
 
 from .attention import CBSA, VARIANTS  # noqa: E402
 from .convert import ConversionInfo, conversion_info, convert, is_converted, layout_of, new_parameters  # noqa: E402
+from .hub import CheckpointError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 
 __all__ = [
     "CBSA",
+    "CheckpointError",
     "ConversionInfo",
     "VARIANTS",
     "__version__",
     "conversion_info",
     "convert",
+    "from_pretrained",
     "is_converted",
     "layout_of",
     "new_parameters",
+    "push_to_hub",
+    "save_pretrained",
 ]

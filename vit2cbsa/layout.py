@@ -127,12 +127,16 @@ def effective_grid(rep_grid: Tuple[int, int], h: int, w: int) -> Tuple[int, int]
 def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tuple[int, int]) -> torch.Tensor:
     """Average-pool the patch tokens of ``tokens`` (``B, H, N, d``) to ``B, H, m, d`` representatives.
 
-    Prefix tokens (the first ``prefix``) are excluded. Each head's patches are read as a
-    channels-last ``d x h x w`` image (a view when ``tokens`` is head-major contiguous).
+    Prefix tokens (the first ``prefix``) are excluded. Equal windows (``gh | h``, ``gw | w``) are
+    averaged through a strided view; otherwise each head's patches are pooled as a
+    channels-last ``d x h x w`` image with ``adaptive_avg_pool2d``.
     """
     b, nh, n, d = tokens.shape
     gh, gw = effective_grid(rep_grid, h, w)
-    # (B H, d, h, w) image per head: a view when the heads are contiguous N x d blocks
-    img = tokens[:, :, prefix:, :].reshape(b * nh, h, w, d).permute(0, 3, 1, 2)
-    pooled = F.adaptive_avg_pool2d(img, (gh, gw))  # B H, d, gh, gw
+    patches = tokens[:, :, prefix:, :]
+    if h % gh == 0 and w % gw == 0:
+        # equal windows: a strided view and a mean, which copies nothing and saves nothing for backward
+        return patches.unflatten(2, (gh, h // gh, gw, w // gw)).mean(dim=(3, 5)).flatten(2, 3)
+    img = patches.reshape(b * nh, h, w, d).permute(0, 3, 1, 2)  # (B H, d, h, w), channels-last
+    pooled = F.adaptive_avg_pool2d(img, (gh, gw))
     return pooled.reshape(b, nh, d, gh * gw).transpose(-2, -1)

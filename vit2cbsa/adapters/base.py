@@ -54,9 +54,9 @@ class ConvertedAttention(nn.Module):
         raise NotImplementedError
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``B x N x (H d)`` -> ``B x H x N x d``, contiguous (head-major) for the mixers' matmuls."""
+        """``B x N x (H d)`` -> ``B x H x N x d`` (a view; the fused kernels read strided heads)."""
         b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
+        return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """Project and mix: the merged context ``B x N x (H d)``, before the output projection."""

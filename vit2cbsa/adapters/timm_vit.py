@@ -34,8 +34,9 @@ class TimmConvertedAttention(ConvertedAttention):
 
     def project(self, x: torch.Tensor):
         b, n, _ = x.shape
-        # one copy into head-major layout, so every later matmul reads contiguous N x d blocks
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).contiguous()
+        # views, no copies: the fused kernels read strided heads, and the broadcast's output then
+        # comes back token-major, so merging the heads afterwards is free
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 

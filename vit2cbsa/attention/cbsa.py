@@ -27,10 +27,11 @@ representative queries ``P`` attend to the extracted representative keys ``K_r``
 representatives (the paper's ``softmax(R R^T) R`` with ``R`` split into its pretrained
 query, key and value views).
 
-Implementation: ``A`` is materialised (``m x N`` per head, linear in ``N``) and reused for
-``K_r`` and ``V_r``; the ``m x m`` contraction and the ``N x m`` broadcast are fused
-scaled-dot-product-attention calls. Temperatures and the scale are folded into the small
-``m x d`` operands, so no ``N x d`` tensor is rescaled.
+Implementation: every step is a fused scaled-dot-product-attention call (``A`` is never
+materialised, so training stores no ``m x N`` matrix; ``K_r`` and ``V_r`` are two calls that
+share the queries), except ``broadcast="transpose"``, which needs ``A`` itself. Temperatures,
+``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d`` tensor
+is rescaled.
 """
 
 from __future__ import annotations
@@ -97,16 +98,19 @@ class CBSAMixer(nn.Module):
         s = self.scale
         temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1)
         p_query = p * temp[0]  # representatives as queries of extraction and contraction
-        # Extraction with A materialised (m x N: linear in N); temperatures and the scale are folded
-        # into the m x d operands, never into the N x d ones.
-        a = torch.softmax((p_query * s) @ k.transpose(-2, -1), dim=-1)  # B H m N
-        v_r = a @ v
-        k_r = a @ k if (self.broadcast == "key" or self.contraction) else None
+        need_keys = self.broadcast == "key" or self.contraction
+        if self.broadcast == "transpose":  # A itself is needed (m x N, linear in N)
+            a = torch.softmax((p_query * s) @ k.transpose(-2, -1), dim=-1)  # B H m N
+            v_r, k_r = a @ v, (a @ k if need_keys else None)
+        else:  # fused kernels: A is never stored, so training memory stays below the original's
+            v_r = F.scaled_dot_product_attention(p_query, k, v, scale=s)
+            k_r = F.scaled_dot_product_attention(p_query, k, k, scale=s) if need_keys else None
 
         c = v_r
         if self.contraction:
             gamma = self.gamma.view(1, -1, 1, 1).to(v_r.dtype)
             c = v_r + gamma * F.scaled_dot_product_attention(p_query, k_r, v_r, scale=s)
+        c = c * self.kappa.view(1, -1, 1, 1).to(c.dtype)  # broadcast is linear in c: scale m x d, not N x d
 
         if self.broadcast == "key":
             out = F.scaled_dot_product_attention(q, k_r * temp[1], c, scale=s)
@@ -115,4 +119,4 @@ class CBSAMixer(nn.Module):
         else:
             at = a.transpose(-2, -1)  # B H N m
             out = (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
-        return out * self.kappa.view(1, -1, 1, 1).to(out.dtype)
+        return out

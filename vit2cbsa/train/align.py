@@ -22,25 +22,19 @@ from torch import nn
 from ..adapters import ConvertedAttention
 from ..convert import conversion_info, find_patch_embedding, layout_of
 from ..layout import GridRecorder
+from ..model_card import forward_pixels
 
 
 def call_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Run a timm or transformers vision model on pixels and return logits (or pooled/last features)."""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        PreTrainedModel = ()
-    if isinstance(model, PreTrainedModel):
-        kwargs = {"pixel_values": pixel_values}
-        if "interpolate_pos_encoding" in model.forward.__code__.co_varnames:
-            kwargs["interpolate_pos_encoding"] = True
-        out = model(**kwargs)
-        for key in ("logits", "pooler_output", "last_hidden_state"):
-            value = getattr(out, key, None)
-            if value is not None:
-                return value
-        return out[0]
-    return model(pixel_values)
+    out = forward_pixels(model, pixel_values)
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "pooler_output", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0]
 
 
 def _first(out):

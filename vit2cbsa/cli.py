@@ -1,0 +1,469 @@
+"""The ``vit2cbsa`` command: convert, inspect and publish CBSA-converted Vision Transformers.
+
+``vit2cbsa convert``  loads a pretrained ViT, converts it and saves it (see :mod:`vit2cbsa.hub`);
+``vit2cbsa inspect``  shows which attention layers would be converted and what that changes
+                      (tokens, FLOPs, parameters) at a given resolution, without any weights;
+``vit2cbsa push``     uploads a saved folder to the Hugging Face Hub with a model card.
+
+MODEL arguments are resolved in this order: a local folder (a vit2cbsa folder, a transformers
+folder with ``config.json``, or a timm checkpoint folder), a timm model name (``vit_base_patch16_224``,
+``hf-hub:timm/...``), then a Hugging Face Hub repo id. Errors are reported as one line on stderr
+with exit status 1 (``--traceback`` shows the full trace).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Tuple
+
+from torch import nn
+
+from . import __version__
+from .attention import BROADCASTS, VARIANTS
+
+DESCRIPTION = """\
+Convert pretrained Vision Transformers (timm or Hugging Face transformers) from softmax
+self-attention to Contract-and-Broadcast Self-Attention (CBSA) and its relatives, inspect
+what a conversion costs, and publish converted models on the Hugging Face Hub.
+
+MODEL is one of:
+  a local folder   a folder written by vit2cbsa, a transformers model folder (config.json with
+                   "model_type"), or a timm checkpoint folder (config.json with "architecture")
+  a timm name      e.g. vit_base_patch16_224, deit_small_distilled_patch16_224.fb_in1k,
+                   hf-hub:timm/vit_small_patch14_dinov2.lvd142m
+  a Hub repo id    e.g. google/vit-base-patch16-224, facebook/dinov2-small, user/my-cbsa-model
+"""
+
+EPILOG = """\
+examples:
+  vit2cbsa inspect vit_base_patch16_224
+  vit2cbsa inspect facebook/dinov2-small --resolution 448 --representatives 8x8
+  vit2cbsa inspect vit_base_patch16_224 --resolution 224x320 --variant linear --json
+  vit2cbsa convert vit_base_patch16_224 --variant cbsa --representatives 64 --layers 6: --out vit-b-cbsa
+  vit2cbsa convert ./my-hf-vit --variant contraction_free --out ./my-hf-vit-cbsa
+  vit2cbsa push vit-b-cbsa user/vit-b-cbsa --metric top1=80.4 --dataset imagenet-1k --license apache-2.0
+
+layers:   all (default), one index (-1), a list (0,1,2) or a slice (6: keeps layers 0-5 softmax)
+representatives: per head, a square count (64 = 8x8) or a grid HxW (4x16)
+
+environment:
+  HF_TOKEN, HF_HUB_CACHE, HF_HUB_OFFLINE=1   used by huggingface_hub for downloads and uploads
+
+exit status: 0 on success, 1 on error (one line on stderr), 2 on a usage error.
+Python API: vit2cbsa.convert, vit2cbsa.save_pretrained, vit2cbsa.from_pretrained, vit2cbsa.push_to_hub.
+"""
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line."""
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+def parse_grid(text: str) -> Any:
+    """``"64" -> 64``, ``"8x8" -> (8, 8)``."""
+    try:
+        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 64 or a grid such as 8x8, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return tuple(parts)
+    raise argparse.ArgumentTypeError(f"expected a count such as 64 or a grid such as 8x8, got {text!r}")
+
+
+def parse_resolution(text: str) -> Tuple[int, int]:
+    """``"224" -> (224, 224)``, ``"224x320" -> (224, 320)`` (height x width)."""
+    value = parse_grid(text)
+    h, w = (value, value) if isinstance(value, int) else value
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"resolution must be positive, got {text!r}")
+    return h, w
+
+
+def parse_layers(text: str) -> Any:
+    """``"all" -> None``, ``"3" -> [3]``, ``"0,1" -> [0, 1]``, ``"6:" -> slice(6, None)``."""
+    text = text.strip()
+    if text in ("all", ""):
+        return None
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, an index, a list such as 0,1,2 or a slice such as 6:, got {text!r}") from None
+
+
+def parse_metric(text: str) -> Tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE such as top1=80.4, got {text!r}") from None
+
+
+# --------------------------------------------------------------------------- finding models
+
+
+@dataclass
+class Source:
+    """What MODEL names: ``kind`` is vit2cbsa, transformers, timm-dir, timm or hub-timm."""
+
+    kind: str
+    location: str
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{path} cannot be read as JSON: {e}") from e
+
+
+def _folder_kind(folder: Path) -> str:
+    from .hub import CONFIG_NAME
+
+    if (folder / CONFIG_NAME).is_file():
+        return "vit2cbsa"
+    if (folder / "config.json").is_file():
+        cfg = _read_json(folder / "config.json")
+        if "model_type" in cfg:
+            return "transformers"
+        if "architecture" in cfg:
+            return "timm-dir"
+    raise CLIError(f"{folder} holds neither a vit2cbsa folder, a transformers model (config.json with "
+                   "model_type) nor a timm checkpoint (config.json with architecture)")
+
+
+def resolve_source(model: str) -> Source:
+    """Work out what MODEL is; Hub repos are classified from their config files only."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return Source(_folder_kind(path), str(path))
+    if path.exists():
+        raise CLIError(f"{model} is a file; expected a model folder, a timm model name or a Hub repo id")
+    import timm
+
+    if model.startswith(("hf-hub:", "local-dir:")) or timm.is_model(model):
+        return Source("timm", model)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise CLIError(f"{model} is not a local folder, a timm model name or a Hugging Face Hub repo id") from None
+    if "/" not in model:
+        raise CLIError(f"{model} is not a local folder or a timm model name (see `timm.list_models()`)")
+    try:
+        folder = Path(snapshot_download(model, allow_patterns=["config.json", "vit2cbsa_config.json"]))
+    except Exception as e:
+        raise CLIError(f"cannot reach Hub repo {model!r} ({_one_line(e)}); pass a local folder instead") from e
+    kind = _folder_kind(folder)
+    return Source("hub-timm" if kind == "timm-dir" else kind, model)
+
+
+def _hf_class(config: Any) -> type:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    return transformers.AutoModel
+
+
+def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise
+        raise CLIError(f"cannot load the pretrained weights of timm model {name!r} ({_one_line(e)}); without "
+                       "network access, pass a local path instead: a timm checkpoint folder, a transformers "
+                       "model folder or a vit2cbsa folder") from e
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    image_processor: Any = None
+    base_model: Optional[str] = None
+
+
+def load_pretrained(source: Source) -> Loaded:
+    """The model MODEL names, with its pretrained weights (what ``convert`` starts from)."""
+    from .hub import from_pretrained
+
+    if source.kind == "vit2cbsa":
+        model = from_pretrained(source.location)
+        return Loaded(model, _image_processor(source.location))  # base_model: kept from the folder
+    if source.kind in ("timm", "timm-dir", "hub-timm"):
+        name = {"timm": source.location, "timm-dir": "local-dir:" + source.location,
+                "hub-timm": "hf-hub:" + source.location}[source.kind]
+        model = _timm_create(name, pretrained=True)
+        return Loaded(model, base_model=(getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id"))
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.location)
+        model = _hf_class(config).from_pretrained(source.location)
+    except Exception as e:
+        raise CLIError(f"cannot load transformers model {source.location!r}: {_one_line(e)}") from e
+    is_repo = not Path(source.location).expanduser().is_dir()
+    return Loaded(model, _image_processor(source.location), source.location if is_repo else None)
+
+
+def _image_processor(location: str) -> Any:
+    """The image processor saved with a transformers model or vit2cbsa folder, if there is one."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(location)
+    except Exception:  # no preprocessor_config.json
+        return None
+
+
+def build_for_inspect(source: Source, resolution: Optional[Tuple[int, int]]) -> Tuple[nn.Module, Optional[nn.Module]]:
+    """A random-weight model for MODEL at ``resolution``: ``(base, converted)``; ``converted`` is
+    the saved conversion for a vit2cbsa folder, else ``None``."""
+    from .convert import convert
+    from .hub import BaseModelSpec, read_config
+
+    size = {"img_size": list(resolution)} if resolution else {}
+    if source.kind == "vit2cbsa":
+        folder = Path(source.location)
+        config = read_config(folder)
+        spec = BaseModelSpec.from_json(config["base"], folder)
+        if spec.library == "timm":
+            spec.model_kwargs.update(size)
+        conv = config["conversion"]
+        base = spec.build()
+        return base, convert(copy.deepcopy(base), conv["variant"], tuple(conv["num_representatives"]),
+                             conv["converted_layers"], broadcast=conv["broadcast"])
+    if source.kind in ("timm", "timm-dir", "hub-timm"):
+        name = {"timm": source.location, "timm-dir": "local-dir:" + source.location,
+                "hub-timm": "hf-hub:" + source.location}[source.kind]
+        return _timm_create(name, pretrained=False, **size), None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.location)
+    except Exception as e:
+        raise CLIError(f"cannot read the config of {source.location!r}: {_one_line(e)}") from e
+    cls = _hf_class(config)
+    return (cls.from_config(config) if cls.__name__ == "AutoModel" else cls._from_config(config)), None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    """An exception as one line; long messages from other libraries are cut at ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, CLIError) or len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..."
+
+
+def _conversion_options(args: argparse.Namespace) -> dict:
+    return {"variant": args.variant or "cbsa",
+            "num_representatives": args.representatives if args.representatives is not None else 64,
+            "layers": args.layers, "broadcast": args.broadcast or "key"}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .hub import save_pretrained
+    from .layout import as_grid
+
+    source = resolve_source(args.model)
+    loaded = load_pretrained(source)
+    model = loaded.model
+    info = getattr(model, "vit2cbsa_info", None)
+    if info is not None:  # a vit2cbsa folder: re-save it, if the options asked for agree
+        asked = {"variant": args.variant, "broadcast": args.broadcast,
+                 "num_representatives": as_grid(args.representatives) if args.representatives is not None else None}
+        saved = {"variant": info.variant, "broadcast": info.broadcast, "num_representatives": tuple(info.num_representatives)}
+        clash = [f"{k}={asked[k]!r} (saved: {saved[k]!r})" for k in asked if asked[k] is not None and asked[k] != saved[k]]
+        if clash or args.layers is not None:
+            raise CLIError(f"{args.model} is already converted; cannot change " + (", ".join(clash) or "layers")
+                           + " -- convert the original model instead")
+    else:
+        convert(model, **_conversion_options(args))
+    out = save_pretrained(model, args.out, image_processor=loaded.image_processor, base_model=loaded.base_model,
+                          max_shard_size=args.max_shard_size)
+    print(model.vit2cbsa_info)
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .convert import convert
+    from .model_card import attention_table, change, compare_costs, human, input_size_of
+
+    source = resolve_source(args.model)
+    base, converted = build_for_inspect(source, args.resolution)
+    if converted is None:
+        converted = convert(copy.deepcopy(base), **_conversion_options(args))
+    info = converted.vit2cbsa_info
+    names = [layer.name for layer in info.converted]
+    c, h, w = input_size_of(base)
+    if args.resolution:
+        h, w = args.resolution
+    cost = compare_costs(base, converted, (c, h, w))
+    layers = attention_table(base, converted=names)
+    gh, gw = info.num_representatives
+    report = {
+        "model": args.model, "source": source.kind, "class": type(base).__name__,
+        "conversion": {"variant": info.variant, "num_representatives": [gh, gw], "broadcast": info.broadcast,
+                       "converted_layers": info.converted_indices},
+        "attention_layers": layers, **cost.to_dict(),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.model}: {type(base).__name__} ({source.kind}), input {c}x{h}x{w}")
+    print(f"tokens per image: {cost.num_tokens} = {cost.num_prefix_tokens} prefix + "
+          f"{cost.patch_grid[0]}x{cost.patch_grid[1]} patches")
+    print(f"conversion: variant {info.variant!r}, {gh}x{gw} = {gh * gw} representatives per head, "
+          f"broadcast {info.broadcast!r}")
+    print(f"attention layers: {len(layers)} found, {len(names)} converted")
+    for row in layers:
+        mark = f"-> {info.variant}" if row["converted"] else "   softmax (kept)"
+        print(f"  [{row['index']:>2}] {row['name']:<40} {row['family']:<8} {row['num_heads']:>3} heads x "
+              f"{row['head_dim']:<4} {mark}")
+    print(f"  {'':<12}{'original':>12}{'converted':>12}{'change':>9}")
+    print(f"  {'FLOPs':<12}{human(cost.flops_before):>12}{human(cost.flops_after):>12}"
+          f"{change(cost.flops_before, cost.flops_after):>9}")
+    print(f"  {'parameters':<12}{human(cost.params_before):>12}{human(cost.params_after):>12}"
+          f"{change(cost.params_before, cost.params_after):>9}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    folder = Path(args.dir).expanduser()
+    if not folder.is_dir():
+        raise CLIError(f"{args.dir} is not a folder (save one with `vit2cbsa convert ... --out DIR`)")
+    commit = push_to_hub(folder, args.repo_id, metrics=dict(args.metric) or None, dataset=args.dataset,
+                         license=args.license, private=args.private or None, token=args.token,
+                         revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
+    url = getattr(commit, "pr_url", None) or getattr(commit, "commit_url", None) or commit
+    print(f"uploaded {folder} to {args.repo_id}: {url}")
+    return 0
+
+
+# --------------------------------------------------------------------------- the parser
+
+
+def _add_conversion_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("conversion options")
+    g.add_argument("--variant", choices=sorted(VARIANTS), default=None,
+                   help="attention to convert to (default: cbsa)")
+    g.add_argument("--representatives", type=parse_grid, default=None, metavar="N|HxW",
+                   help="representatives per head: a square count or a grid (default: 64 = 8x8)")
+    g.add_argument("--layers", type=parse_layers, default=None, metavar="SPEC",
+                   help="attention layers to convert, in block order: all, 3, 0,1,2 or 6: (default: all)")
+    g.add_argument("--broadcast", choices=list(BROADCASTS), default=None,
+                   help="how representatives are broadcast back to tokens (default: key)")
+
+
+def _para(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=88)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``vit2cbsa`` command."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="vit2cbsa", description=DESCRIPTION, epilog=EPILOG, formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"vit2cbsa {__version__}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "convert", formatter_class=fmt, help="convert a pretrained ViT and save it",
+        description=_para("Load MODEL with its pretrained weights, replace its softmax attention and save the "
+                    "result to --out (safetensors + vit2cbsa_config.json; an image processor is saved too "
+                    "when the model has one). Load it back with vit2cbsa.from_pretrained(DIR)."),
+        epilog="examples:\n  vit2cbsa convert vit_base_patch16_224 --out vit-b-cbsa\n"
+               "  vit2cbsa convert facebook/dinov2-small --variant contraction_free --representatives 8x8 --out dinov2-s-cf\n"
+               "  vit2cbsa convert ./timm-checkpoint --layers 6: --out ./hybrid")
+    p.add_argument("model", metavar="MODEL", help="local folder, timm model name or Hub repo id")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced atomically)")
+    _add_conversion_options(p)
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard weights above this size (default: 5GB)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "inspect", formatter_class=fmt, help="show what a conversion would change (no weights needed)",
+        description=_para("List the attention layers of MODEL that would be converted, and the tokens, FLOPs "
+                    "(torch FlopCounterMode, one image) and parameters before and after, at a given "
+                    "resolution. Weights are not loaded: timm models are built with pretrained=False, "
+                    "transformers models from their config."),
+        epilog="examples:\n  vit2cbsa inspect vit_base_patch16_224 --resolution 384\n"
+               "  vit2cbsa inspect ./vit-b-cbsa --resolution 224x320 --json")
+    p.add_argument("model", metavar="MODEL", help="local folder, timm model name or Hub repo id")
+    p.add_argument("--resolution", type=parse_resolution, default=None, metavar="N|HxW",
+                   help="input size, e.g. 224 or 224x320 (height x width; default: the model's own)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_conversion_options(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "push", formatter_class=fmt, help="upload a converted folder to the Hugging Face Hub",
+        description=_para("Check that DIR loads, then upload it to the Hub model repo REPO_ID (created if needed) "
+                    "with a generated README.md: metadata, conversion options, FLOPs and parameters before "
+                    "and after, the metrics given, loading instructions and the CBSA citation. "
+                    "Authentication is huggingface_hub's (HF_TOKEN, `hf auth login` or --token)."),
+        epilog="example:\n  vit2cbsa push vit-b-cbsa user/vit-b-cbsa --metric top1=80.4 --dataset imagenet-1k")
+    p.add_argument("dir", metavar="DIR", help="a folder written by vit2cbsa convert / save_pretrained")
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub model repo, e.g. user/vit-b-cbsa")
+    p.add_argument("--metric", type=parse_metric, action="append", default=[], metavar="NAME=VALUE",
+                   help="a fine-tuning result for the model card (repeatable)")
+    p.add_argument("--dataset", help="the dataset the metrics were measured on")
+    p.add_argument("--license", help="license identifier for the card, e.g. apache-2.0")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--token", help="Hub token (default: huggingface_hub's)")
+    p.add_argument("--revision", help="branch to push to")
+    p.add_argument("--commit-message", help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``vit2cbsa`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own errors are the ones to read
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("vit2cbsa: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.traceback:
+            raise
+        print(f"vit2cbsa: error: {_one_line(e, limit=1000)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
