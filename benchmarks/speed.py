@@ -1,0 +1,270 @@
+"""Speed of converted vs original ViTs: throughput, FLOPs, peak memory and scaling in the token count.
+
+For each model (timm, random weights: speed does not depend on training) and resolution, the
+original (timm's fused SDPA attention) and each converted variant are built once and then timed
+side by side in this process: alternately on the same input, after warm-up, median of
+``--repeats``. Reported per row: inference and training-step throughput (forward + backward +
+SGD step), their ratios to the original, FLOPs (``torch.utils.flop_counter``, batch 1), the
+FLOP ratio original/converted (the ideal speed-up), the measured/ideal efficiency, and peak
+training memory (CUDA allocator peak on a GPU; on the CPU the peak of live tensors of one
+training step, tracked by ``torch.distributed._tools.mem_tracker.MemTracker``).
+Exponents of time vs tokens are fitted on the square resolutions (log-log least squares).
+
+    python benchmarks/speed.py                       # the CPU table quoted in the README (~30 min)
+    python benchmarks/speed.py --quick               # smoke run, < 1 min (CI runs it)
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --batch 32 --compile
+
+Writes ``benchmarks/results/speed_<device>.json`` and ``.png`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import vit2cbsa
+from vit2cbsa.measure import count_flops, time_side_by_side
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_res(text: str):
+    h, _, w = text.partition("x")
+    return int(h), int(w or h)
+
+
+def build(name: str, res, variants, reps: int, device, dtype):
+    import timm
+
+    torch.manual_seed(0)
+    orig = timm.create_model(name, pretrained=False, img_size=res).to(device=device, dtype=dtype)
+    models = {"original": orig}
+    for v in variants:
+        models[v] = vit2cbsa.convert(orig, v, reps, inplace=False)
+    return models
+
+
+def peak_train_memory(model, x, y, device) -> float:
+    """Peak bytes of one training step (MiB)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, opt)
+    with tracker:
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    peak = tracker.get_tracker_snapshot("peak")[x.device]
+    return sum(v for k, v in peak.items() if k != "Total" and "PARAM" not in str(k)) / 2**20
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_row(name, res, args, device, dtype):
+    models = build(name, res, args.variants, args.representatives, device, dtype)
+    h, w = res
+    tokens = 1 + (h // 16) * (w // 16)
+    x1 = torch.randn(1, 3, h, w, device=device, dtype=dtype)
+    flops = {k: count_flops(m, x1) for k, m in models.items()}
+    xb = torch.randn(args.batch, 3, h, w, device=device, dtype=dtype)
+    yb = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def infer(m):
+        def fn():
+            with torch.inference_mode():
+                m(xb)
+            sync(device)
+        return fn
+
+    for m in models.values():
+        m.eval()
+    t_inf = time_side_by_side({k: infer(m) for k, m in models.items()}, repeats=args.repeats)
+
+    t_train = {}
+    mem = {}
+    if not args.no_train and max(h, w) <= args.max_train_res:
+        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-6) for k, m in models.items()}
+
+        def train(k):
+            m, opt = models[k], opts[k]
+
+            def fn():
+                torch.nn.functional.cross_entropy(m(xb).float(), yb).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sync(device)
+            return fn
+
+        for m in models.values():
+            m.train()
+        t_train = time_side_by_side({k: train(k) for k in models}, repeats=args.repeats)
+        if not args.no_memory:
+            mem = {k: peak_train_memory(m, xb, yb, device) for k, m in models.items()}
+
+    rows = []
+    for k in models:
+        row = {
+            "model": name, "resolution": f"{h}x{w}", "tokens": tokens, "variant": k, "batch": args.batch,
+            "gflops": flops[k] / 1e9, "flop_ratio": flops["original"] / flops[k],
+            "infer_s": t_inf[k], "infer_img_s": args.batch / t_inf[k],
+            "infer_ratio": t_inf["original"] / t_inf[k],
+        }
+        row["infer_efficiency"] = row["infer_ratio"] / row["flop_ratio"]
+        if t_train:
+            row.update(train_s=t_train[k], train_img_s=args.batch / t_train[k],
+                       train_ratio=t_train["original"] / t_train[k])
+        if mem:
+            row.update(peak_train_mem_mib=mem[k], mem_ratio=mem[k] / mem["original"])
+        rows.append(row)
+        print("  " + "  ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"
+                               for key, val in row.items() if key not in ("model",)), flush=True)
+    return rows
+
+
+def fit_exponents(rows):
+    out = {}
+    for model in sorted({r["model"] for r in rows}):
+        for variant in sorted({r["variant"] for r in rows}):
+            pts = [(r["tokens"], r["infer_s"]) for r in rows if r["model"] == model and r["variant"] == variant
+                   and r["resolution"].split("x")[0] == r["resolution"].split("x")[1]]
+            if len(pts) >= 2:
+                xs, ys = [math.log(p[0]) for p in pts], [math.log(p[1]) for p in pts]
+                mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+                slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+                # the exponent between the two largest sizes (where attention dominates)
+                tail = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+                out[f"{model}/{variant}"] = {"fit": slope, "last_two": tail}
+    return out
+
+
+def compile_check(name, args, device, dtype):
+    """No graph breaks inside converted attention; speed-up of torch.compile on the CBSA model."""
+    models = build(name, parse_res(args.compile_res), ["cbsa"], args.representatives, device, dtype)
+    model = models["cbsa"].eval()
+    h, w = parse_res(args.compile_res)
+    x = torch.randn(args.batch, 3, h, w, device=device, dtype=dtype)
+    attn = next(m for m in model.modules() if isinstance(m, vit2cbsa.adapters.ConvertedAttention))
+    with torch.no_grad():
+        model(x)  # records the grid
+        tokens = model.patch_embed(x).shape[1] + model.num_prefix_tokens
+        explanation = torch._dynamo.explain(attn)(torch.randn(args.batch, tokens, attn.spec.dim, device=device, dtype=dtype))
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        compiled(x)
+    compile_s = time.perf_counter() - t0
+
+    def run(m):
+        def fn():
+            with torch.inference_mode():
+                m(x)
+            sync(device)
+        return fn
+
+    t = time_side_by_side({"eager": run(model), "compiled": run(compiled)}, repeats=args.repeats)
+    return {"model": name, "resolution": args.compile_res, "attention_graph_breaks": explanation.graph_break_count,
+            "compile_s": compile_s, "eager_s": t["eager"], "compiled_s": t["compiled"],
+            "compile_speedup": t["eager"] / t["compiled"]}
+
+
+def plot(rows, exps, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for model in sorted({r["model"] for r in rows}):
+        for variant in [v for v in dict.fromkeys(r["variant"] for r in rows)]:
+            pts = sorted((r["tokens"], r) for r in rows if r["model"] == model and r["variant"] == variant
+                         and r["resolution"].split("x")[0] == r["resolution"].split("x")[1])
+            ns = [p[0] for p in pts]
+            short = model.replace("vit_", "").replace("_patch16_224", "")
+            e = exps.get(f"{model}/{variant}", {}).get("fit", float("nan"))
+            axes[1].loglog(ns, [p[1]["infer_s"] for p in pts], "o-", label=f"{short} {variant} (N^{e:.2f})")
+            if variant != "original":
+                axes[0].semilogx(ns, [p[1]["infer_ratio"] for p in pts], "o-", label=f"{short} {variant} inference")
+                if all("train_ratio" in p[1] for p in pts):
+                    axes[0].semilogx(ns, [p[1]["train_ratio"] for p in pts], "s--", label=f"{short} {variant} training")
+    axes[0].axhline(1.0, color="gray", lw=0.8)
+    axes[0].set(xlabel="tokens N", ylabel="throughput ratio converted / original", title="speed-up (side by side)")
+    axes[1].set(xlabel="tokens N", ylabel="seconds per inference batch", title="time vs tokens (log-log, fitted exponent)")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
+    ap.add_argument("--resolutions", nargs="+", default=["224", "384", "512", "768", "1024", "512x1024"])
+    ap.add_argument("--variants", nargs="+", default=["cbsa", "contraction_free", "linear"])
+    ap.add_argument("--representatives", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-train-res", type=int, default=1024, help="skip training timing above this side")
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also check torch.compile (graph breaks, speed-up)")
+    ap.add_argument("--compile-res", default="512")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny smoke run (< 1 min)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.resolutions, args.repeats = ["vit_small_patch16_224"], ["224", "160x224"], 1
+        args.compile = False
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    tag = "quick" if args.quick else (f"{device.type}_{args.dtype}" if device.type != "cpu" else "cpu")
+    out = args.out or RESULTS / f"speed_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for name in args.models:
+        for res_text in args.resolutions:
+            print(f"{name} @ {res_text}", flush=True)
+            rows.extend(bench_row(name, parse_res(res_text), args, device, dtype))
+    exps = fit_exponents(rows)
+    record = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "dtype": args.dtype, "torch": torch.__version__, "python": sys.version.split()[0],
+        "representatives": args.representatives, "batch": args.batch, "repeats": args.repeats,
+        "rows": rows, "time_exponents": exps,
+    }
+    if args.compile:
+        record["compile"] = [compile_check(name, args, device, dtype) for name in args.models[:1]]
+        print(record["compile"], flush=True)
+    out.write_text(json.dumps(record, indent=2))
+    plot(rows, exps, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(json.dumps(exps, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""torch.compile traces converted attention without graph breaks; the speed benchmark's quick mode runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import vit2cbsa
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("variant", ["cbsa", "contraction_free", "linear"])
+@pytest.mark.parametrize("broadcast", ["key", "query"])
+def test_no_graph_breaks_inside_converted_attention(variant, broadcast):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=1, num_heads=2, num_classes=0)
+    vit2cbsa.convert(model, variant, 4, broadcast=broadcast)
+    vit2cbsa.layout_of(model).use_grid((4, 4))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model.blocks[0].attn)(torch.randn(2, 17, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_speed_benchmark_quick_mode_runs(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(out.read_text())
+    variants = {r["variant"] for r in record["rows"]}
+    assert variants == {"original", "cbsa", "contraction_free", "linear"}
+    for row in record["rows"]:
+        assert row["infer_s"] > 0 and row["train_s"] > 0 and row["peak_train_mem_mib"] > 0
+        if row["variant"] == "original":
+            assert row["flop_ratio"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
