@@ -9,7 +9,7 @@ Converted: ``out = o_proj(merge(mixer(Q, K, V)))``, weights returned as ``None``
 
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -42,11 +42,13 @@ class HFConvertedAttention(ConvertedAttention):
 
 
 def _resolve(path: str):
+    """The class at ``path`` if its module is already imported, else ``None``.
+
+    A model of a class whose module was never imported cannot exist, so nothing is imported
+    here (importing every transformers model family would cost seconds per process).
+    """
     module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):  # class absent in this transformers version
-        return None
+    return getattr(sys.modules.get(module), name, None)
 
 
 class HFQKVOAdapter(Adapter):
@@ -56,13 +58,10 @@ class HFQKVOAdapter(Adapter):
         self.name = name
         self.class_paths = tuple(class_paths)
         self.out_name = out_name
-        self._classes: Optional[tuple] = None
 
     @property
     def classes(self) -> tuple:
-        if self._classes is None:
-            self._classes = tuple(c for c in map(_resolve, self.class_paths) if c is not None)
-        return self._classes
+        return tuple(c for c in map(_resolve, self.class_paths) if c is not None)
 
     def matches(self, module: nn.Module) -> bool:
         return type(module) in self.classes

@@ -1,5 +1,6 @@
-"""Training helpers: attention alignment (layer-wise distillation) and model calling conventions."""
+"""Training: attention alignment (layer-wise distillation) and Accelerate fine-tuning (``run``)."""
 
 from .align import AttentionAligner, align_attention, call_model
+from .finetune import FinetuneConfig, run
 
-__all__ = ["AttentionAligner", "align_attention", "call_model"]
+__all__ = ["AttentionAligner", "FinetuneConfig", "align_attention", "call_model", "run"]

@@ -87,6 +87,12 @@ class AttentionAligner(nn.Module):
 
         return hook
 
+    def train(self, mode: bool = True) -> "AttentionAligner":
+        """Set the student's train mode; the teacher always stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def parameters_to_train(self) -> List[nn.Parameter]:
         return self.new + self.pretrained
 

@@ -1,0 +1,105 @@
+"""Convert a pretrained ViT to CBSA-family attention and train it back: alignment, then fine-tuning.
+
+Runs unchanged on one CPU process, several processes, one or many GPUs and nodes (Accelerate):
+
+    python examples/finetune.py --model cifar10-teacher --dataset /tmp/cifar/cifar10 \\
+        --out runs/cifar --align-steps 200 --finetune-steps 200 --batch-size 64
+    accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...   # 2 CPU processes
+    (``accelerate launch --cpu --num_processes 2`` starts only one process: Accelerate's CPU launcher
+    needs mpirun for more; ``--multi_gpu`` uses torchrun, and ``--cpu`` keeps it on CPU with gloo)
+    accelerate launch --num_processes 8 --mixed_precision bf16 examples/finetune.py \\
+        --model timm:vit_base_patch16_224.augreg2_in21k_ft_in1k --dataset imagenet-1k \\
+        --out runs/vitb --representatives 64 --layers 6: --align-steps 2000 \\
+        --finetune-steps 20000 --lora-rank 16 --distill-weight 0.5 --batch-size 512
+
+Models: ``cifar10-teacher`` (the embedded CIFAR-10 ViT), ``timm:NAME`` (``pretrained=True``, or local
+weights with ``--checkpoint FILE`` and ``--model-kwargs JSON``), ``hf:ID`` or a local transformers
+folder (config.json + preprocessor_config.json). Data: a folder with train/ and val|validation|test/
+class folders, or a ``datasets.load_dataset`` name/path. Stages (each optional, in order):
+``--align-steps`` (attention alignment to the original layers, no labels) and ``--finetune-steps``
+(supervised, whole model or ``--lora-rank``; ``--distill-weight`` mixes in KL to the original's logits).
+
+Relaunching the same command resumes from the newest checkpoint in OUT/checkpoints. Writes
+OUT/metrics.jsonl, OUT/final.json (accuracy of the original and the converted model) and
+OUT/final/model.safetensors (LoRA merged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from vit2cbsa.train.finetune import FinetuneConfig, UsageError, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig.__dataclass_fields__
+    default = {k: f.default for k, f in d.items()}
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", required=True, help="cifar10-teacher | timm:NAME | hf:ID | local transformers folder")
+    g.add_argument("--checkpoint", help="local timm weights (.safetensors/.pth) for --model timm:NAME")
+    g.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON kwargs for timm.create_model")
+    g.add_argument("--dataset", required=True, help="image folder (train/ + val|test/) or datasets.load_dataset name")
+    g.add_argument("--train-split")
+    g.add_argument("--eval-split")
+    g.add_argument("--max-train-samples", type=int)
+    g.add_argument("--max-eval-samples", type=int)
+    g.add_argument("--num-workers", type=int, default=default["num_workers"])
+    g.add_argument("--out", "--output-dir", dest="output_dir", required=True)
+    g = ap.add_argument_group("conversion (vit2cbsa.convert)")
+    g.add_argument("--variant", default=default["variant"], help="cbsa | contraction_free | linear")
+    g.add_argument("--representatives", default=str(default["representatives"]), help="count (64) or grid (8x8)")
+    g.add_argument("--layers", help="which attention layers: '6:' (slice), '0,2,4', '-1'; default all")
+    g.add_argument("--broadcast", default=default["broadcast"], help="key | query | transpose")
+    g = ap.add_argument_group("stage 1: attention alignment")
+    g.add_argument("--align-steps", type=int, default=0)
+    g.add_argument("--align-lr", type=float, default=default["align_lr"])
+    g.add_argument("--align-pretrained-lr", type=float, help="lr of the pretrained q/k/v/o (default align-lr/10)")
+    g.add_argument("--align-trainable", default=default["align_trainable"], choices=["attention", "new"])
+    g = ap.add_argument_group("stage 2: supervised fine-tuning")
+    g.add_argument("--finetune-steps", type=int, default=0)
+    g.add_argument("--lr", type=float, default=default["lr"])
+    g.add_argument("--weight-decay", type=float, default=default["weight_decay"])
+    g.add_argument("--lora-rank", type=int, default=0, help="0: train the whole model")
+    g.add_argument("--lora-alpha", type=float)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t],
+                   help="comma-separated module names (suffixes); default: the attention projections")
+    g.add_argument("--distill-weight", type=float, default=0.0, help="weight of KL to the original's logits")
+    g.add_argument("--temperature", type=float, default=default["temperature"])
+    g = ap.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=default["batch_size"], help="global batch per optimizer step")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--warmup-ratio", type=float, default=default["warmup_ratio"])
+    g.add_argument("--max-grad-norm", type=float, default=default["max_grad_norm"])
+    g.add_argument("--eval-batch-size", type=int, help="per process")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "fp8"],
+                   help="default: from `accelerate config` / `accelerate launch --mixed_precision`")
+    g.add_argument("--cpu", action="store_true", help="force CPU")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=default["checkpoint_every"])
+    g.add_argument("--keep-checkpoints", type=int, default=default["keep_checkpoints"])
+    g.add_argument("--log-every", type=int, default=default["log_every"])
+    g.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--stop-after-step", type=int, help=argparse.SUPPRESS)  # testing: simulate a kill
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    try:
+        run(FinetuneConfig(**args))
+    except UsageError as e:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Image-classification data for fine-tuning: an image folder or a Hugging Face dataset, plus the
+model's own preprocessing.
+
+* A local folder with ``train/`` and ``val/`` (or ``validation/``, ``test/``) sub-folders of
+  class folders is read with ``torchvision.datasets.ImageFolder`` (classes sorted by name).
+* Anything else, or any spec prefixed ``hf:``, is a ``datasets.load_dataset`` name or path (e.g.
+  ``cifar10``, a Hub id, or a local folder of data files); its image column is the first ``Image`` feature and its label
+  column the first ``ClassLabel`` feature.
+* Preprocessing: timm models use ``timm.data.resolve_data_config`` + ``create_transform``;
+  transformers models their ``AutoImageProcessor``'s size and mean/std (random-resized-crop +
+  flip for training, resize + centre-crop for evaluation, as in transformers' image-classification
+  example); the embedded CIFAR-10 teacher its recorded mean/std at 32x32 with random crop
+  (4-pixel zero padding) + flip for training.
+
+Training augmentation is a pure function of ``(seed, epoch, sample index)``: each sample's random
+transform runs under its own seed (:class:`TransformedDataset`). So the batches seen after a
+resume, on any number of processes or data-loader workers, are the ones an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+EVAL_FOLDERS = ("val", "validation", "test")
+EVAL_SPLITS = ("validation", "val", "test", "valid")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be found or used; the message is one line meant for the user."""
+
+
+@dataclass
+class Transforms:
+    train: Callable
+    eval: Callable
+    description: str
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def timm_transforms(model: torch.nn.Module) -> Transforms:
+    """timm's own preprocessing for ``model`` (at the model's actual input size)."""
+    from timm.data import create_transform, resolve_data_config
+
+    overrides = {}
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # models built with img_size=... keep the pretrained cfg's 224
+        overrides["input_size"] = (3, *tuple(img_size))
+    cfg = resolve_data_config(overrides, model=model)
+    return Transforms(create_transform(**cfg, is_training=True), create_transform(**cfg, is_training=False),
+                      f"timm {cfg}")
+
+
+def hf_transforms(processor: Any) -> Transforms:
+    """Train/eval transforms from a transformers image processor's size and mean/std."""
+    from torchvision import transforms as T
+
+    size = processor.size
+    if "shortest_edge" in size:
+        crop = resize = size["shortest_edge"]
+    else:
+        crop = resize = (size["height"], size["width"])
+    crop_size = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop_size:
+        crop = (crop_size["height"], crop_size["width"])
+    norm = T.Normalize(mean=processor.image_mean, std=processor.image_std)
+    train = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    evaluate = T.Compose([T.Resize(resize), T.CenterCrop(crop), T.ToTensor(), norm])
+    return Transforms(train, evaluate, f"{type(processor).__name__} size={size} crop={crop}")
+
+
+def teacher_transforms(config: dict) -> Transforms:
+    """The embedded CIFAR-10 teacher: its mean/std at 32x32; random crop (pad 4) + flip for training."""
+    from torchvision import transforms as T
+
+    size = int(config.get("input_size", [3, 32, 32])[-1])
+    norm = T.Normalize(mean=config["mean"], std=config["std"])
+    fit = [T.Resize(size), T.CenterCrop(size)]
+    train = T.Compose(fit + [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+    return Transforms(train, T.Compose(fit + [T.ToTensor(), norm]), f"teacher mean/std at {size}x{size}")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Run a block under torch and python-random seeds of its own, leaving the global RNGs as they were."""
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+class TransformedDataset(Dataset):
+    """``(pixels, label)`` samples: ``base[i]`` is ``(PIL image, label)``; ``transform`` runs under the
+    seed ``(seed, epoch, i)`` when ``seed`` is given (call :meth:`set_epoch` before each epoch)."""
+
+    def __init__(self, base: Sequence, transform: Callable, seed: Optional[int] = None,
+                 indices: Optional[Sequence[int]] = None) -> None:
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        image, label = self.base[self.indices[i]]
+        image = image.convert("RGB")
+        if self.seed is None:
+            return self.transform(image), int(label)
+        with _seeded(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF):
+            return self.transform(image), int(label)
+
+
+class _HFRows:
+    """A ``datasets.Dataset`` seen as a sequence of ``(image, label)``."""
+
+    def __init__(self, ds, image_col: str, label_col: str) -> None:
+        self.ds, self.image_col, self.label_col = ds, image_col, label_col
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        row = self.ds[int(i)]
+        return row[self.image_col], row[self.label_col]
+
+
+@dataclass
+class ImageData:
+    """Raw train/eval splits (sequences of ``(PIL image, label)``) and class names."""
+
+    train: Sequence
+    eval: Sequence
+    classes: List[str]
+    source: str
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or Path(spec).exists()
+
+
+def load_image_data(spec: str, train_split: Optional[str] = None, eval_split: Optional[str] = None) -> ImageData:
+    """Open an image folder (``train/`` + ``val|validation|test/``) or a ``datasets.load_dataset`` source
+    (``hf:NAME_OR_PATH`` forces the latter)."""
+    if spec.startswith("hf:"):
+        return _hf_dataset(spec[3:], train_split, eval_split)
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / (train_split or "train")).is_dir():
+        return _image_folder(path, train_split, eval_split)
+    if _looks_like_path(spec) and not path.exists():
+        raise DataError(f"dataset path {spec!r} does not exist")
+    return _hf_dataset(spec, train_split, eval_split)
+
+
+def _image_folder(root: Path, train_split: Optional[str], eval_split: Optional[str]) -> ImageData:
+    from torchvision.datasets import ImageFolder
+
+    names = [eval_split] if eval_split else EVAL_FOLDERS
+    eval_dir = next((root / n for n in names if (root / n).is_dir()), None)
+    if eval_dir is None:
+        raise DataError(f"image folder {str(root)!r} has no evaluation split: expected one of {', '.join(names)}/")
+    try:
+        train, evaluate = ImageFolder(str(root / (train_split or "train"))), ImageFolder(str(eval_dir))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"image folder {str(root)!r}: {_one_line(e)}") from e
+    if evaluate.classes != train.classes:
+        raise DataError(f"image folder {str(root)!r}: {eval_dir.name}/ has classes {evaluate.classes}, "
+                        f"train/ has {train.classes}")
+    return ImageData(train, evaluate, list(train.classes), f"ImageFolder {root}")
+
+
+def _hf_dataset(spec: str, train_split: Optional[str], eval_split: Optional[str]) -> ImageData:
+    import datasets
+
+    try:
+        dd = datasets.load_dataset(spec)
+    except Exception as e:  # offline, unknown name, unreadable files ...
+        raise DataError(f"cannot load dataset {spec!r}: {_one_line(e)}") from e
+    if not isinstance(dd, datasets.DatasetDict):
+        raise DataError(f"dataset {spec!r} is not a map-style dataset with splits")
+    train_name = train_split or "train"
+    eval_name = eval_split or next((s for s in EVAL_SPLITS if s in dd), None)
+    for name in (train_name, eval_name):
+        if name is None or name not in dd:
+            raise DataError(f"dataset {spec!r} has splits {list(dd)}; need {train_name!r} and an evaluation "
+                            f"split ({eval_split or ' / '.join(EVAL_SPLITS)})")
+    features = dd[train_name].features
+    image_col = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    label_col = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    if image_col is None or label_col is None:
+        raise DataError(f"dataset {spec!r} needs an Image and a ClassLabel column; it has {dict(features)}")
+    return ImageData(_HFRows(dd[train_name], image_col, label_col), _HFRows(dd[eval_name], image_col, label_col),
+                     list(features[label_col].names), f"datasets {spec} [{train_name}/{eval_name}]")
+
+
+def subset_indices(n: int, limit: Optional[int], seed: int = 0) -> Optional[List[int]]:
+    """A fixed random subset of ``limit`` of ``n`` indices (sorted), or ``None`` for all."""
+    if limit is None or limit >= n:
+        return None
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
