@@ -56,10 +56,12 @@ def test_cbsa_mixer_matches_reference(cls, broadcast):
         if mixer.contraction:
             mixer.gamma.copy_(torch.tensor([0.3, -1.2, 0.7]))
     gamma = mixer.gamma if mixer.contraction else torch.zeros(H)
-    out = mixer(q, k, v, TokenLayout((GH, GW)))
     ta, tb = mixer.log_temperature.detach().exp()
     ref = _reference_mixer(q, k, v, mixer.kappa.detach(), gamma.detach(), ta, tb, broadcast, 3, 2)
+    out = mixer(q, k, v, TokenLayout((GH, GW)))  # N = 26 > 4 m with a graph: the fused path
     torch.testing.assert_close(out, ref)
+    with torch.no_grad():  # inference: the explicit path
+        torch.testing.assert_close(mixer(q, k, v, TokenLayout((GH, GW))), ref)
 
 
 def test_zero_contraction_gate_equals_contraction_free():

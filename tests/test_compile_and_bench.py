@@ -24,9 +24,14 @@ def test_no_graph_breaks_inside_converted_attention(variant, broadcast):
     vit2cbsa.convert(model, variant, 4, broadcast=broadcast)
     vit2cbsa.layout_of(model).use_grid((4, 4))
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(model.blocks[0].attn)(torch.randn(2, 17, 32))
+    x = torch.randn(2, 17, 32)
+    explanation = torch._dynamo.explain(model.blocks[0].attn)(x)  # training graph: fused path
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    torch._dynamo.reset()
+    with torch.no_grad():  # inference: explicit path
+        explanation = torch._dynamo.explain(model.blocks[0].attn)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_speed_benchmark_quick_mode_runs(tmp_path):

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 GridLike = Union[int, Tuple[int, int]]
@@ -128,8 +127,8 @@ def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tu
     """Average-pool the patch tokens of ``tokens`` (``B, H, N, d``) to ``B, H, m, d`` representatives.
 
     Prefix tokens (the first ``prefix``) are excluded. Equal windows (``gh | h``, ``gw | w``) are
-    averaged through a strided view; otherwise each head's patches are pooled as a
-    channels-last ``d x h x w`` image with ``adaptive_avg_pool2d``.
+    averaged through a strided view; otherwise one ``m x hw`` averaging matrix (the adaptive
+    windows of ``adaptive_avg_pool2d``) multiplies the patches.
     """
     b, nh, n, d = tokens.shape
     gh, gw = effective_grid(rep_grid, h, w)
@@ -137,6 +136,15 @@ def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tu
     if h % gh == 0 and w % gw == 0:
         # equal windows: a strided view and a mean, which copies nothing and saves nothing for backward
         return patches.unflatten(2, (gh, h // gh, gw, w // gw)).mean(dim=(3, 5)).flatten(2, 3)
-    img = patches.reshape(b * nh, h, w, d).permute(0, 3, 1, 2)  # (B H, d, h, w), channels-last
-    pooled = F.adaptive_avg_pool2d(img, (gh, gw))
-    return pooled.reshape(b, nh, d, gh * gw).transpose(-2, -1)
+    # unequal windows: one (m x hw) averaging matrix, the outer product of the 1-D window matrices
+    weights = (_windows(h, gh, patches)[:, None, :, None] * _windows(w, gw, patches)[None, :, None, :])
+    return weights.reshape(gh * gw, h * w) @ patches
+
+
+def _windows(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """``out x size`` matrix averaging over the adaptive-pooling windows of a 1-D axis."""
+    i = torch.arange(out, device=like.device)
+    start, end = (i * size) // out, ((i + 1) * size + out - 1) // out
+    r = torch.arange(size, device=like.device)
+    mask = ((r >= start[:, None]) & (r < end[:, None])).to(like.dtype)
+    return mask / mask.sum(dim=1, keepdim=True)

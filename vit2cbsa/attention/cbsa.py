@@ -27,11 +27,12 @@ representative queries ``P`` attend to the extracted representative keys ``K_r``
 representatives (the paper's ``softmax(R R^T) R`` with ``R`` split into its pretrained
 query, key and value views).
 
-Implementation: every step is a fused scaled-dot-product-attention call (``A`` is never
-materialised, so training stores no ``m x N`` matrix; ``K_r`` and ``V_r`` are two calls that
-share the queries), except ``broadcast="transpose"``, which needs ``A`` itself. Temperatures,
-``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d`` tensor
-is rescaled.
+Implementation: two paths compute the same equations. When autograd records a graph (training)
+and ``N > 4 m``, every step is a fused scaled-dot-product-attention call: ``A`` is never
+materialised, so training stores no ``m x N`` matrix (``K_r`` and ``V_r`` are two calls sharing
+the queries). Otherwise (inference, small ``N``, or ``broadcast="transpose"``, which needs ``A``)
+``A`` is materialised once and reused for ``K_r`` and ``V_r``, which takes fewer kernel calls. Temperatures, ``kappa``
+and the scale are folded into the small ``m x d`` operands, so no ``N x d`` tensor is rescaled.
 """
 
 from __future__ import annotations
@@ -97,26 +98,36 @@ class CBSAMixer(nn.Module):
         p = self.representatives(q, layout)  # B H m d
         s = self.scale
         temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1)
+        kappa = self.kappa.view(1, -1, 1, 1).to(q.dtype)
         p_query = p * temp[0]  # representatives as queries of extraction and contraction
         need_keys = self.broadcast == "key" or self.contraction
-        if self.broadcast == "transpose":  # A itself is needed (m x N, linear in N)
-            a = torch.softmax((p_query * s) @ k.transpose(-2, -1), dim=-1)  # B H m N
-            v_r, k_r = a @ v, (a @ k if need_keys else None)
-        else:  # fused kernels: A is never stored, so training memory stays below the original's
-            v_r = F.scaled_dot_product_attention(p_query, k, v, scale=s)
-            k_r = F.scaled_dot_product_attention(p_query, k, k, scale=s) if need_keys else None
+        stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
+        if self.broadcast == "transpose" or not stores_graph or q.shape[-2] <= 4 * p.shape[-2]:
+            return self._explicit(q, k, v, p, p_query * s, temp[1] * s, kappa, need_keys)
 
+        # Fused kernels: A is never stored, so training memory stays at the original's.
+        v_r = F.scaled_dot_product_attention(p_query, k, v, scale=s)
+        k_r = F.scaled_dot_product_attention(p_query, k, k, scale=s) if need_keys else None
         c = v_r
         if self.contraction:
-            gamma = self.gamma.view(1, -1, 1, 1).to(v_r.dtype)
-            c = v_r + gamma * F.scaled_dot_product_attention(p_query, k_r, v_r, scale=s)
-        c = c * self.kappa.view(1, -1, 1, 1).to(c.dtype)  # broadcast is linear in c: scale m x d, not N x d
+            c = v_r + self.gamma.view(1, -1, 1, 1).to(v_r.dtype) * F.scaled_dot_product_attention(
+                p_query, k_r, v_r, scale=s)
+        c = c * kappa  # the broadcast is linear in c: scale m x d, not N x d
+        keys = k_r * temp[1] if self.broadcast == "key" else p * temp[1]
+        return F.scaled_dot_product_attention(q, keys, c, scale=s)
 
-        if self.broadcast == "key":
-            out = F.scaled_dot_product_attention(q, k_r * temp[1], c, scale=s)
-        elif self.broadcast == "query":
-            out = F.scaled_dot_product_attention(q, p * temp[1], c, scale=s)
-        else:
+    def _explicit(self, q, k, v, p, p_scaled, b_scale, kappa, need_keys) -> torch.Tensor:
+        """Same equations with ``A`` (``m x N``) materialised: fewer kernel calls, for inference and small N."""
+        a = torch.softmax(p_scaled @ k.transpose(-2, -1), dim=-1)  # B H m N
+        v_r = a @ v
+        k_r = a @ k if need_keys else None
+        c = v_r
+        if self.contraction:
+            contract = F.scaled_dot_product_attention(p_scaled, k_r, v_r, scale=1.0)  # m x m, among representatives
+            c = v_r + self.gamma.view(1, -1, 1, 1).to(v_r.dtype) * contract
+        c = c * kappa
+        if self.broadcast == "transpose":
             at = a.transpose(-2, -1)  # B H N m
-            out = (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
-        return out
+            return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
+        keys = k_r if self.broadcast == "key" else p
+        return F.scaled_dot_product_attention(q, keys * b_scale, c, scale=1.0)
