@@ -8,7 +8,9 @@ SGD step), their ratios to the original, FLOPs (``torch.utils.flop_counter``, ba
 FLOP ratio original/converted (the ideal speed-up), the measured/ideal efficiency, and peak
 training memory (CUDA allocator peak on a GPU; on the CPU the peak of live tensors of one
 training step, tracked by ``torch.distributed._tools.mem_tracker.MemTracker``).
-Exponents of time vs tokens are fitted on the square resolutions (log-log least squares).
+Exponents of time vs tokens are fitted (log-log least squares) on the square resolutions for whole
+models, and on one attention layer alone at N = 257..4097 (all sizes timed close together, so the
+fit is robust to the load drifting during a long run).
 
     python benchmarks/speed.py                       # the CPU table quoted in the README (~30 min)
     python benchmarks/speed.py --quick               # smoke run, < 1 min (CI runs it)
@@ -157,6 +159,44 @@ def fit_exponents(rows):
     return out
 
 
+def attention_scaling(name, args, device, dtype):
+    """Time of one attention layer alone vs N (grids 16..64), original and each variant, side by side.
+
+    A single layer runs in milliseconds, so all sizes are measured close together in time and the
+    fitted exponent is not bent by the machine's load drifting over a long benchmark.
+    """
+    import timm
+
+    orig = timm.create_model(name, pretrained=False, dynamic_img_size=True, depth=1).to(device=device, dtype=dtype)
+    layers = {"original": orig.blocks[0].attn.eval()}
+    for v in args.variants:
+        conv = vit2cbsa.convert(orig, v, args.representatives, inplace=False)
+        layers[v] = (conv.blocks[0].attn.eval(), vit2cbsa.layout_of(conv))
+    sides = [8, 12, 16] if args.quick else [16, 24, 32, 48, 64]
+    times = {k: [] for k in layers}
+    for side in sides:
+        x = torch.randn(args.batch, 1 + side * side, orig.embed_dim, device=device, dtype=dtype)
+        fns = {}
+        for k, entry in layers.items():
+            if k == "original":
+                fns[k] = (lambda m: lambda: (m(x), sync(device)))(entry)
+            else:
+                m, layout = entry
+                fns[k] = (lambda m, layout, s=side: lambda: (layout.use_grid((s, s)), m(x), sync(device)))(m, layout)
+        with torch.inference_mode():
+            t = time_side_by_side(fns, repeats=max(5, args.repeats))
+        for k in layers:
+            times[k].append(t[k])
+    ns = [1 + s * s for s in sides]
+    out = {"model": name, "tokens": ns, "seconds": times, "exponent": {}}
+    for k, ts in times.items():
+        xs, ys = [math.log(n) for n in ns], [math.log(t) for t in ts]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        out["exponent"][k] = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sum((a - mx) ** 2 for a in xs)
+    print("attention layer alone, time exponent in N:", {k: round(v, 3) for k, v in out["exponent"].items()}, flush=True)
+    return out
+
+
 def compile_check(name, args, device, dtype):
     """No graph breaks inside converted attention; speed-up of torch.compile on the CBSA model."""
     models = build(name, parse_res(args.compile_res), ["cbsa"], args.representatives, device, dtype)
@@ -227,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-train-res", type=int, default=1024, help="skip training timing above this side")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-scaling", action="store_true", help="skip the single-layer time-vs-N fit")
+    ap.add_argument("--only-scaling", action="store_true", help="run only the single-layer time-vs-N fit")
     ap.add_argument("--compile", action="store_true", help="also check torch.compile (graph breaks, speed-up)")
     ap.add_argument("--compile-res", default="512")
     ap.add_argument("--device", default="cpu")
@@ -237,6 +279,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.resolutions, args.repeats = ["vit_small_patch16_224"], ["224", "160x224"], 1
+        args.threads = 1  # a smoke run must not fight other jobs for cores (OpenMP threads spin)
         args.compile = False
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -245,23 +288,25 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     rows = []
-    for name in args.models:
+    for name in ([] if args.only_scaling else args.models):
         for res_text in args.resolutions:
             print(f"{name} @ {res_text}", flush=True)
             rows.extend(bench_row(name, parse_res(res_text), args, device, dtype))
     exps = fit_exponents(rows)
+    scaling = [] if args.no_scaling else [attention_scaling(name, args, device, dtype) for name in args.models]
     record = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "dtype": args.dtype, "torch": torch.__version__, "python": sys.version.split()[0],
         "representatives": args.representatives, "batch": args.batch, "repeats": args.repeats,
-        "rows": rows, "time_exponents": exps,
+        "rows": rows, "time_exponents": exps, "attention_scaling": scaling,
     }
     if args.compile:
         record["compile"] = [compile_check(name, args, device, dtype) for name in args.models[:1]]
         print(record["compile"], flush=True)
     out.write_text(json.dumps(record, indent=2))
-    plot(rows, exps, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    if rows:
+        plot(rows, exps, out.with_suffix(".png"))
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if rows else ""))
     print(json.dumps(exps, indent=1))
     return 0
 

@@ -47,3 +47,5 @@ def test_speed_benchmark_quick_mode_runs(tmp_path):
         if row["variant"] == "original":
             assert row["flop_ratio"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 0
+    scaling = record["attention_scaling"][0]
+    assert set(scaling["exponent"]) == variants and len(scaling["tokens"]) == 3
