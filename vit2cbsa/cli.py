@@ -451,6 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``vit2cbsa`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["explain"]:  # attention maps: its own parser, in vit2cbsa.analysis.cli
+        from .analysis.cli import explain_main
+
+        return explain_main(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own errors are the ones to read
     try:

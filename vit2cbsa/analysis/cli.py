@@ -1,0 +1,302 @@
+"""``vit2cbsa explain MODEL IMAGE``: attention maps of one image, saved as a PNG.
+
+:func:`explain_main` is the whole command (its own argparse parser); the ``vit2cbsa`` CLI wires
+it in as the ``explain`` sub-command. MODEL is one of
+
+* ``cifar10-teacher``            the embedded CIFAR-10 teacher (:func:`vit2cbsa.zoo.load_cifar10_teacher`);
+* a timm model name             e.g. ``vit_small_patch16_224``; the pretrained weights are tried first,
+                                and if they cannot be loaded (no network) the model is built with
+                                random weights (``pretrained=False``) and a warning is printed;
+* a local folder                a transformers model folder (``config.json`` with ``model_type``) or a
+                                folder saved by :func:`vit2cbsa.hub.save_pretrained` (already converted);
+
+optionally followed by ``:VARIANT`` (``cifar10-teacher:cbsa``, ``vit_small_patch16_224:contraction_free``)
+to convert it on the fly; the original model's class-token attention is then shown side by side.
+Errors are one line on stderr with exit status 1 (``--traceback`` for the full trace); usage
+errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+DESCRIPTION = """\
+Show which image patches the attention of MODEL uses for IMAGE, per layer and head, as a PNG:
+the class-token attention of softmax layers and, for converted CBSA layers, the class-token row of
+the layer's token-to-token operator, the gather maps A of the representatives most used by the
+class token (representative <- patches), a broadcast map B (patches <- representative) and the
+assignment of every patch to the representative it receives most from.
+
+MODEL: cifar10-teacher | a timm model name | a local transformers or vit2cbsa folder,
+optionally with :VARIANT (cbsa, contraction_free, linear) to convert it on the fly and compare
+with the original side by side."""
+
+EPILOG = """\
+examples:
+  vit2cbsa explain cifar10-teacher:cbsa cat.png --layer -1 --out maps.png
+  vit2cbsa explain cifar10-teacher:cbsa cat.png --layer 2,5 --representatives 16 --out maps.png
+  vit2cbsa explain vit_small_patch16_224 photo.jpg --layer all --heads 0,1 --out maps.png
+  vit2cbsa explain ./my-converted-model photo.jpg --out maps.png
+
+layers: all, one index (-1 = last, the default), a list (0,3) or a slice (6:)
+exit status: 0 on success, 1 on error (one line on stderr), 2 on a usage error."""
+
+TEACHER = "cifar10-teacher"
+
+
+class ExplainError(Exception):
+    """An error reported to the user as one line."""
+
+
+def _parse_index_spec(text: str) -> Any:
+    """``all -> None``, ``-1 -> [-1]``, ``0,3 -> [0, 3]``, ``6: -> slice(6, None)``."""
+    text = text.strip()
+    if text in ("all", ""):
+        return None
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, an index, a list such as 0,3 or a slice such as 6:, got {text!r}") from None
+
+
+def _parse_grid(text: str) -> Any:
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count such as 64 or a grid such as 8x8, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive count such as 64 or a grid such as 8x8, got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def build_explain_parser(prog: str = "vit2cbsa explain") -> argparse.ArgumentParser:
+    """The argument parser of ``vit2cbsa explain``."""
+    from ..attention import BROADCASTS
+
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="cifar10-teacher, a timm model name or a local folder, "
+                                                  "optionally with :VARIANT to convert on the fly")
+    p.add_argument("image", metavar="IMAGE", help="an image file (any size and aspect ratio; resized and "
+                                                  "centre-cropped to the model's input size)")
+    p.add_argument("--layer", "--layers", dest="layers", type=_parse_index_spec, default=[-1], metavar="SPEC",
+                   help="attention layers to show: all, -1 (default: the last), 0,3 or 6:")
+    p.add_argument("--heads", type=_parse_index_spec, default=None, metavar="SPEC",
+                   help="heads to show (default: all)")
+    p.add_argument("--out", default="maps.png", metavar="PNG", help="figure to write (default: maps.png)")
+    g = p.add_argument_group("on-the-fly conversion (MODEL:VARIANT)")
+    g.add_argument("--representatives", type=_parse_grid, default=64, metavar="N|HxW",
+                   help="representatives per head (default: 64 = 8x8)")
+    g.add_argument("--broadcast", choices=list(BROADCASTS), default="key", help="broadcast (default: key)")
+    g.add_argument("--no-reference", action="store_true", help="do not show the original model's maps")
+    p.add_argument("--num-reps", type=int, default=3, metavar="K",
+                   help="gather maps shown per head: the K representatives the class token uses most (default: 3)")
+    p.add_argument("--interpolation", choices=("bilinear", "nearest", "bicubic"), default="bilinear",
+                   help="how maps are upsampled onto the image (default: bilinear)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random-weight models (default: 0)")
+    p.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    return p
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _split_variant(spec: str) -> Tuple[str, Optional[str]]:
+    from ..attention import VARIANTS
+
+    base, sep, suffix = spec.rpartition(":")
+    if sep and base and suffix in VARIANTS:
+        return base, suffix
+    if sep and base and not Path(spec).expanduser().exists() and not spec.startswith(("hf-hub:", "local-dir:")):
+        raise ExplainError(f"unknown variant {suffix!r} in {spec!r}; choose one of {sorted(VARIANTS)}")
+    return spec, None
+
+
+def _load_timm(name: str) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as e:  # no network, no cached weights, no weights for this tag
+        reason = " ".join(str(e).split())[:160]
+        print(f"vit2cbsa explain: warning: cannot load the pretrained weights of {name!r} ({reason}); "
+              "using RANDOM weights (pretrained=False) -- the maps show an untrained model", file=sys.stderr)
+    try:
+        return timm.create_model(name, pretrained=False)
+    except Exception as e:
+        raise ExplainError(f"cannot build timm model {name!r}: {' '.join(str(e).split())[:200]}") from e
+
+
+def _load_folder(folder: Path) -> Tuple[nn.Module, Any]:
+    cfg_path = folder / "config.json"
+    try:
+        from ..hub import CONFIG_NAME, from_pretrained
+    except ImportError:  # pragma: no cover - hub is optional here
+        CONFIG_NAME, from_pretrained = None, None
+    if CONFIG_NAME and (folder / CONFIG_NAME).is_file():
+        return from_pretrained(str(folder)), None
+    if not cfg_path.is_file():
+        raise ExplainError(f"{folder} is neither a transformers model folder (config.json) nor a vit2cbsa folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExplainError(f"{cfg_path} cannot be read as JSON: {e}") from e
+    if "model_type" not in cfg:
+        raise ExplainError(f"{cfg_path} has no model_type: not a transformers model folder")
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        cls = next((getattr(transformers, n) for n in (config.architectures or []) if hasattr(transformers, n)),
+                   transformers.AutoModel)
+        model = cls.from_pretrained(str(folder))
+    except Exception as e:
+        raise ExplainError(f"cannot load transformers model from {folder}: {' '.join(str(e).split())[:200]}") from e
+    processor = None
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    except Exception:  # no saved image processor
+        pass
+    return model, processor
+
+
+def load_model(spec: str, representatives: Any = 64, broadcast: str = "key") -> dict:
+    """Resolve MODEL: ``{"model", "reference" (original, or None), "config", "processor", "classes"}``."""
+    from ..convert import convert, is_converted
+
+    name, variant = _split_variant(spec)
+    config = processor = None
+    classes: Optional[List[str]] = None
+    path = Path(name).expanduser()
+    if name == TEACHER:
+        from ..zoo import load_cifar10_teacher
+
+        try:
+            model, config = load_cifar10_teacher()
+        except FileNotFoundError as e:
+            raise ExplainError(str(e)) from e
+        classes = config.get("class_names")
+    elif path.is_dir():
+        model, processor = _load_folder(path)
+        id2label = getattr(getattr(model, "config", None), "id2label", None)
+        if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
+            classes = [id2label[i] for i in sorted(id2label)]
+    elif path.exists():
+        raise ExplainError(f"{name} is a file; MODEL must be cifar10-teacher, a timm model name or a model folder")
+    else:
+        import timm
+
+        if not (timm.is_model(name) or name.startswith("hf-hub:")):
+            raise ExplainError(f"unknown model {name!r}: not {TEACHER}, a timm model name (see timm.list_models()) "
+                               "or an existing folder")
+        model = _load_timm(name)
+        if getattr(model, "num_classes", None) == 1000:
+            try:
+                from timm.data import ImageNetInfo
+
+                info = ImageNetInfo()
+                classes = [info.index_to_description(i).split(",")[0] for i in range(1000)]
+            except Exception:  # older timm: no label names
+                classes = None
+    model.eval()
+    reference = None
+    if variant is not None:
+        if is_converted(model):
+            raise ExplainError(f"{name} is already converted; drop the :{variant} suffix")
+        reference = model
+        try:
+            model = convert(model, variant, representatives, broadcast=broadcast, inplace=False)
+        except (ValueError, TypeError) as e:
+            raise ExplainError(str(e)) from e
+        model.eval()
+    return {"model": model, "reference": reference, "config": config, "processor": processor, "classes": classes}
+
+
+def _resolve_layers(spec: Any, num_layers: int) -> Any:
+    from .capture import LayerError
+
+    if isinstance(spec, slice):
+        chosen = list(range(num_layers))[spec]
+        if not chosen:
+            raise LayerError(f"layers {spec.start}:{spec.stop} select none of the {num_layers} attention layers")
+        return chosen
+    return spec
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .capture import attention_layers, select_layers
+    from .images import input_config, load_image, preprocess
+    from .maps import explain, plot_explanation
+
+    image = load_image(args.image)  # fail fast, before loading a model
+    if args.num_reps < 1:
+        raise ExplainError("--num-reps must be at least 1")
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, args.representatives, args.broadcast)
+    model, reference = loaded["model"], loaded["reference"]
+    num_layers = len(attention_layers(model))
+    layers = select_layers(num_layers, _resolve_layers(args.layers, num_layers))
+    cfg = input_config(reference or model, loaded["config"], loaded["processor"])
+    pixel_values, pixels = preprocess(image, cfg)
+    maps, output = explain(model, pixel_values, layers)
+    ref_maps = None
+    if reference is not None and not args.no_reference:
+        ref_maps, _ = explain(reference, pixel_values, layers)
+    heads = args.heads
+    if isinstance(heads, slice):
+        heads = list(range(maps[0].num_heads))[heads]
+    if heads is not None:
+        bad = [h for h in heads if not -maps[0].num_heads <= h < maps[0].num_heads]
+        if bad:
+            raise ExplainError(f"head {bad[0]} does not exist: the layers have {maps[0].num_heads} heads")
+        heads = sorted({h % maps[0].num_heads for h in heads})
+    pred = ""
+    if torch.is_tensor(output) and output.dim() == 2:
+        top = int(output[0].argmax())
+        classes = loaded["classes"]
+        label = classes[top] if classes and top < len(classes) else f"class {top}"
+        pred = f"prediction: {label} (p={torch.softmax(output[0].float(), -1)[top]:.2f})"
+    title = f"{args.model} | {Path(args.image).name} | {cfg.size[0]}x{cfg.size[1]}" + (f" | {pred}" if pred else "")
+    out = plot_explanation(pixels, maps, args.out, reference=ref_maps, heads=heads, num_reps=args.num_reps,
+                           title=title, mode=args.interpolation)
+    kinds = ", ".join(f"{m.index}:{m.kind}" for m in maps)
+    print(f"{args.model}: {num_layers} attention layers; shown {kinds}; grid {maps[0].grid[0]}x{maps[0].grid[1]}"
+          + (f"; {pred}" if pred else ""))
+    print(f"saved {out}")
+    return 0
+
+
+def explain_main(argv: Optional[List[str]] = None) -> int:
+    """Run ``vit2cbsa explain`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_explain_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2)
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if args.traceback:
+            raise
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"vit2cbsa explain: error: {text}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(explain_main())
