@@ -22,7 +22,7 @@ each is aligned to the teacher for ``--align-steps`` steps of layer-wise attenti
 ``benchmarks/train_teacher.py``; without it, on the embedded test images with odd indices, and the
 accuracies are then measured on the even ones only).
 
-Run (from the repo root; about 15-30 minutes on 2 busy cores)::
+Run (from the repo root; about 15 minutes on 2 busy cores)::
 
     .venv/bin/python benchmarks/interpretability.py
     .venv/bin/python benchmarks/interpretability.py --quick --out /tmp/interp   # smoke run, ~3 min
@@ -195,7 +195,7 @@ def plot_coding_rates(curves, correlations, path, title):
     twin.set_ylabel("unit-norm (dashed)")
     lines = ax.get_legend_handles_labels()
     lines2 = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=6)
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=6, loc="lower center")
     for ax in axes:
         ax.set_xlabel("attention layer")
         ax.grid(alpha=0.3)
@@ -217,7 +217,8 @@ def main(argv=None) -> dict:
     p.add_argument("--scales", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--figures", type=int, default=4, help="test images to draw")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on 2 shared cores, more threads oversubscribe and run slower)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     args = p.parse_args(argv)
     if args.quick:

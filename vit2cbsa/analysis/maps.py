@@ -221,7 +221,7 @@ def _overlay(ax, img: np.ndarray, heat: Optional[np.ndarray], title: str, cmap: 
 
 def _peak(values: np.ndarray, uniform: float) -> str:
     v = float(values.max())
-    return f"max {v:.3g} = {v / uniform:.1f}x unif."
+    return f"max {v:.3g} ({v / uniform:.1f}x unif.)"
 
 
 def _top_representatives(lm: LayerMaps, head: int, count: int) -> List[int]:
@@ -242,7 +242,8 @@ def plot_explanation(
     """Save a PNG with one row per (layer, head).
 
     Columns: the image; the reference model's class-token attention (if ``reference``); the
-    model's class-token map (for a converted layer, the class-token row of ``E = B (I + gamma S) A``);
+    model's class-token map (for a converted layer, the class-token row of ``E = B (I + gamma S) A``,
+    titled ``E=B(I+gS)A``, or ``E=BA`` without contraction);
     for CBSA-type layers, the gather maps ``A[r]`` of the ``num_reps`` representatives with the
     largest broadcast weight to the class token (their pooling window boxed), the broadcast map
     ``B[:, r]`` of the first of them, and the assignment ``argmax_r B`` of every patch. Maps are
@@ -264,7 +265,7 @@ def plot_explanation(
     has_cbsa = any(lm.kind in CBSA_KINDS for lm in maps)
     ncols = 2 + bool(reference) + (num_reps + 2 if has_cbsa else 0)
     height = 1.7 * len(rows) + (0.45 if title else 0.1)
-    fig = Figure(figsize=(1.75 * ncols, height), dpi=110)
+    fig = Figure(figsize=(1.95 * ncols, height), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, (lm, head) in enumerate(rows):
@@ -282,12 +283,12 @@ def plot_explanation(
             if ref is not None:
                 ax[col].axis("on")
                 heat = upsample(ref.cls[head], size, mode)
-                _overlay(ax[col], img, heat, f"original: {cls_name}\n{_peak(ref.cls[head], unif_tok)}")
+                _overlay(ax[col], img, heat, f"original softmax: {cls_name}\n{_peak(ref.cls[head], unif_tok)}")
             col += 1
         ax[col].axis("on")
-        label = "attn" if lm.kind == "softmax" else "E=B(I+gS)A" if lm.kind in CBSA_KINDS else "kernel attn"
+        label = {"softmax": "", "cbsa": " E=B(I+gS)A", "contraction_free": " E=BA", "linear": " kernel"}.get(lm.kind, "")
         _overlay(ax[col], img, upsample(lm.cls[head], size, mode),
-                 f"{lm.kind} {label}: {cls_name}\n{_peak(lm.cls[head], unif_tok)}")
+                 f"{lm.kind}{label}: {cls_name}\n{_peak(lm.cls[head], unif_tok)}")
         col += 1
         if lm.kind not in CBSA_KINDS:
             continue
