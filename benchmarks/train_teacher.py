@@ -244,6 +244,9 @@ def parse_args(argv=None):
     p.add_argument("--mlp-ratio", type=float, default=4.0)
     p.add_argument("--no-compile", action="store_true", help="disable torch.compile (eager mode)")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue training from a previous run's asset dir (model.safetensors + "
+                        "training_record.json); its record is kept under 'previous_phases'")
     return p.parse_args(argv)
 
 
@@ -280,6 +283,18 @@ def main(argv=None) -> dict:
         qkv_bias=True, class_token=True, global_pool="token",
     )
     model = VisionTransformer(**model_kwargs)
+    previous_phases = []
+    if args.init_from is not None:
+        from safetensors.torch import load_file
+
+        init_dir = args.init_from.resolve()
+        prev = json.loads((init_dir / "training_record.json").read_text())
+        if prev.get("model_kwargs") != model_kwargs:
+            raise SystemExit(f"--init-from {init_dir}: its model_kwargs {prev.get('model_kwargs')} differ "
+                             f"from this run's {model_kwargs}")
+        model.load_state_dict(load_file(str(init_dir / "model.safetensors")))
+        previous_phases = prev.pop("previous_phases", []) + [prev]
+        _log(f"continuing from {init_dir} (test acc {prev.get('best_test_acc')})")
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model {model_kwargs} params={n_params:,} (~{4 * n_params / 2**20:.2f} MiB fp32)")
 
@@ -309,7 +324,9 @@ def main(argv=None) -> dict:
 
     hparams = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     record = {
-        "description": "CIFAR-10 teacher ViT trained from scratch by benchmarks/train_teacher.py",
+        "description": "CIFAR-10 teacher ViT trained from scratch by benchmarks/train_teacher.py"
+        + (f" (this phase continues from a {len(previous_phases)}-phase earlier run; see previous_phases)"
+           if previous_phases else ""),
         "status": "running",
         "model_class": "timm.models.vision_transformer.VisionTransformer",
         "model_kwargs": model_kwargs,
@@ -335,6 +352,7 @@ def main(argv=None) -> dict:
         "n_test": len(test_x),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "previous_phases": previous_phases,
         "epochs": [],
         "best_test_acc": 0.0,
         "best_epoch": None,
