@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import TokenLayout, pool_patches
+from torch.utils.checkpoint import checkpoint
+
+from ..layout import TokenLayout, effective_grid, pool_patches
 
 BROADCASTS = ("key", "query", "transpose")
 
@@ -61,6 +63,11 @@ class CBSAMixer(nn.Module):
 
     contraction: bool = True
     variant: str = "cbsa"
+    #: training with the fused path: keep only ``q, k, v`` for backward and recompute the mixer
+    #: there (activation checkpointing of this module alone, about 3% more time per training step
+    #: for ViT-S at 1024). Set ``False`` on a module to trade those few ``m x d`` tensors per layer
+    #: for the recomputation.
+    recompute: bool = True
 
     def __init__(
         self,
@@ -95,39 +102,49 @@ class CBSAMixer(nn.Module):
         return pool_patches(q, prefix, h, w, self.rep_grid)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        p = self.representatives(q, layout)  # B H m d
-        s = self.scale
-        temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1)
-        kappa = self.kappa.view(1, -1, 1, 1).to(q.dtype)
-        p_query = p * temp[0]  # representatives as queries of extraction and contraction
-        need_keys = self.broadcast == "key" or self.contraction
+        prefix, h, w = layout.split(q.shape[-2])
+        m = effective_grid(self.rep_grid, h, w)
         stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
-        if self.broadcast == "transpose" or not stores_graph or q.shape[-2] <= 4 * p.shape[-2]:
-            return self._explicit(q, k, v, p, p_query * s, temp[1] * s, kappa, need_keys)
+        if self.broadcast == "transpose" or not stores_graph or q.shape[-2] <= 4 * m[0] * m[1]:
+            return self._explicit(q, k, v, pool_patches(q, prefix, h, w, self.rep_grid))
+        if self.recompute:
+            return checkpoint(self._fused, q, k, v, prefix, h, w, use_reentrant=False)
+        return self._fused(q, k, v, prefix, h, w)
 
-        # Fused kernels: A is never stored, so training memory stays at the original's.
+    def _factors(self, dtype: torch.dtype):
+        temp = self.log_temperature.exp().to(dtype).view(2, 1, -1, 1, 1)
+        return temp, self.kappa.view(1, -1, 1, 1).to(dtype)
+
+    def _contract(self, c: torch.Tensor, p_query: torch.Tensor, k_r: torch.Tensor, scale: float) -> torch.Tensor:
+        """Step 3: ``V_r + gamma softmax(P K_r^T) V_r`` (``m x m``, among representatives)."""
+        if not self.contraction:
+            return c
+        gamma = self.gamma.view(1, -1, 1, 1).to(c.dtype)
+        return c + gamma * F.scaled_dot_product_attention(p_query, k_r, c, scale=scale)
+
+    def _fused(self, q, k, v, prefix: int, h: int, w: int) -> torch.Tensor:
+        """Every step a fused kernel: ``A`` (``m x N``) is never stored."""
+        p = pool_patches(q, prefix, h, w, self.rep_grid)  # B H m d
+        s = self.scale
+        temp, kappa = self._factors(q.dtype)
+        p_query = p * temp[0]  # representatives as queries of extraction and contraction
         v_r = F.scaled_dot_product_attention(p_query, k, v, scale=s)
+        need_keys = self.broadcast == "key" or self.contraction
         k_r = F.scaled_dot_product_attention(p_query, k, k, scale=s) if need_keys else None
-        c = v_r
-        if self.contraction:
-            c = v_r + self.gamma.view(1, -1, 1, 1).to(v_r.dtype) * F.scaled_dot_product_attention(
-                p_query, k_r, v_r, scale=s)
-        c = c * kappa  # the broadcast is linear in c: scale m x d, not N x d
-        keys = k_r * temp[1] if self.broadcast == "key" else p * temp[1]
+        c = self._contract(v_r, p_query, k_r, s) * kappa  # the broadcast is linear in c: scale m x d, not N x d
+        keys = (k_r if self.broadcast == "key" else p) * temp[1]
         return F.scaled_dot_product_attention(q, keys, c, scale=s)
 
-    def _explicit(self, q, k, v, p, p_scaled, b_scale, kappa, need_keys) -> torch.Tensor:
+    def _explicit(self, q, k, v, p) -> torch.Tensor:
         """Same equations with ``A`` (``m x N``) materialised: fewer kernel calls, for inference and small N."""
+        temp, kappa = self._factors(q.dtype)
+        p_scaled = p * (temp[0] * self.scale)
         a = torch.softmax(p_scaled @ k.transpose(-2, -1), dim=-1)  # B H m N
         v_r = a @ v
-        k_r = a @ k if need_keys else None
-        c = v_r
-        if self.contraction:
-            contract = F.scaled_dot_product_attention(p_scaled, k_r, v_r, scale=1.0)  # m x m, among representatives
-            c = v_r + self.gamma.view(1, -1, 1, 1).to(v_r.dtype) * contract
-        c = c * kappa
+        k_r = a @ k if self.broadcast == "key" or self.contraction else None
+        c = self._contract(v_r, p_scaled, k_r, 1.0) * kappa
         if self.broadcast == "transpose":
             at = a.transpose(-2, -1)  # B H N m
             return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
         keys = k_r if self.broadcast == "key" else p
-        return F.scaled_dot_product_attention(q, keys * b_scale, c, scale=1.0)
+        return F.scaled_dot_product_attention(q, keys * (temp[1] * self.scale), c, scale=1.0)
