@@ -75,3 +75,23 @@ def test_as_grid(value, expected):
 def test_as_grid_rejects(value, exc, match):
     with pytest.raises(exc, match=match):
         as_grid(value)
+
+
+def test_cached_averaging_matrix_survives_inference_mode_then_training():
+    from vit2cbsa.layout import pool_patches
+
+    h, w = 7, 5  # 3x2 representatives: unequal windows, the cached matrix path
+    with torch.inference_mode():
+        first = pool_patches(torch.randn(1, 1, 1 + h * w, 4), 1, h, w, (3, 2))
+    assert first.shape == (1, 1, 6, 4)
+    x = torch.randn(1, 1, 1 + h * w, 4, requires_grad=True)
+    pool_patches(x, 1, h, w, (3, 2)).sum().backward()  # would fail on an inference tensor
+    # each patch's gradient is the sum over the windows containing it of 1 / window size
+    expected = torch.zeros(h, w)
+    for i in range(3):
+        for j in range(2):
+            r0, r1 = (i * h) // 3, -(-((i + 1) * h) // 3)
+            c0, c1 = (j * w) // 2, -(-((j + 1) * w) // 2)
+            expected[r0:r1, c0:c1] += 1.0 / ((r1 - r0) * (c1 - c0))
+    torch.testing.assert_close(x.grad[0, 0, 1:, 0], expected.flatten())
+    assert x.grad[0, 0, 0].abs().sum() == 0

@@ -20,7 +20,7 @@ is then its own representative) instead of duplicating tokens.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -136,9 +136,33 @@ def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tu
     if h % gh == 0 and w % gw == 0:
         # equal windows: a strided view and a mean, which copies nothing and saves nothing for backward
         return patches.unflatten(2, (gh, h // gh, gw, w // gw)).mean(dim=(3, 5)).flatten(2, 3)
-    # unequal windows: one (m x hw) averaging matrix, the outer product of the 1-D window matrices
-    weights = (_windows(h, gh, patches)[:, None, :, None] * _windows(w, gw, patches)[None, :, None, :])
-    return weights.reshape(gh * gw, h * w) @ patches
+    # unequal windows: one (m x hw) averaging matrix, built once per (grid, device, dtype)
+    return _averaging_matrix(h, w, gh, gw, patches) @ patches
+
+
+_MATRICES: Dict[tuple, torch.Tensor] = {}
+
+
+def _averaging_matrix(h: int, w: int, gh: int, gw: int, like: torch.Tensor) -> torch.Tensor:
+    """``(gh gw) x (h w)`` adaptive-pooling matrix: the outer product of the 1-D window matrices.
+
+    A precomputed constant: cached (a few dozen grids at most) outside ``torch.compile``, which
+    folds it into the graph itself. Built outside inference mode so that a matrix first made
+    under ``torch.inference_mode`` can still be saved for backward later."""
+    def build() -> torch.Tensor:
+        rows, cols = _windows(h, gh, like), _windows(w, gw, like)
+        return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(gh * gw, h * w)
+
+    if torch.compiler.is_compiling():
+        return build()
+    key = (h, w, gh, gw, like.device, like.dtype)
+    matrix = _MATRICES.get(key)
+    if matrix is None:
+        if len(_MATRICES) >= 64:
+            _MATRICES.clear()
+        with torch.inference_mode(False):
+            matrix = _MATRICES[key] = build()
+    return matrix
 
 
 def _windows(size: int, out: int, like: torch.Tensor) -> torch.Tensor:

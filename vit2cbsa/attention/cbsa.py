@@ -29,10 +29,13 @@ query, key and value views).
 
 Implementation: two paths compute the same equations. When autograd records a graph (training)
 and ``N > 4 m``, every step is a fused scaled-dot-product-attention call: ``A`` is never
-materialised, so training stores no ``m x N`` matrix (``K_r`` and ``V_r`` are two calls sharing
-the queries). Otherwise (inference, small ``N``, or ``broadcast="transpose"``, which needs ``A``)
-``A`` is materialised once and reused for ``K_r`` and ``V_r``, which takes fewer kernel calls. Temperatures, ``kappa``
-and the scale are folded into the small ``m x d`` operands, so no ``N x d`` tensor is rescaled.
+materialised (``K_r`` and ``V_r`` are two calls sharing the queries), and by default
+(``recompute=True``) the mixer is recomputed in backward, so training keeps only ``q, k, v`` for it
+and its peak memory stays at or below the original layer's. Otherwise (inference, small ``N``, or
+``broadcast="transpose"``, which needs ``A``) ``A`` (``m x N``) and ``B`` (``N x m``) are materialised:
+``A`` is reused for ``K_r`` and ``V_r``, and on these thin shapes plain matmuls beat fused kernels.
+Temperatures, ``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d``
+tensor is rescaled; the pooling matrix of unequal windows is a cached constant.
 """
 
 from __future__ import annotations
@@ -115,12 +118,15 @@ class CBSAMixer(nn.Module):
         temp = self.log_temperature.exp().to(dtype).view(2, 1, -1, 1, 1)
         return temp, self.kappa.view(1, -1, 1, 1).to(dtype)
 
-    def _contract(self, c: torch.Tensor, p_query: torch.Tensor, k_r: torch.Tensor, scale: float) -> torch.Tensor:
+    def _contract(self, c: torch.Tensor, p_query: torch.Tensor, k_r: torch.Tensor, scale: float,
+                  fused: bool) -> torch.Tensor:
         """Step 3: ``V_r + gamma softmax(P K_r^T) V_r`` (``m x m``, among representatives)."""
         if not self.contraction:
             return c
         gamma = self.gamma.view(1, -1, 1, 1).to(c.dtype)
-        return c + gamma * F.scaled_dot_product_attention(p_query, k_r, c, scale=scale)
+        if fused:
+            return c + gamma * F.scaled_dot_product_attention(p_query, k_r, c, scale=scale)
+        return c + gamma * (torch.softmax((p_query * scale) @ k_r.transpose(-2, -1), dim=-1) @ c)
 
     def _fused(self, q, k, v, prefix: int, h: int, w: int) -> torch.Tensor:
         """Every step a fused kernel: ``A`` (``m x N``) is never stored."""
@@ -131,20 +137,21 @@ class CBSAMixer(nn.Module):
         v_r = F.scaled_dot_product_attention(p_query, k, v, scale=s)
         need_keys = self.broadcast == "key" or self.contraction
         k_r = F.scaled_dot_product_attention(p_query, k, k, scale=s) if need_keys else None
-        c = self._contract(v_r, p_query, k_r, s) * kappa  # the broadcast is linear in c: scale m x d, not N x d
+        c = self._contract(v_r, p_query, k_r, s, fused=True) * kappa  # the broadcast is linear in c: scale m x d, not N x d
         keys = (k_r if self.broadcast == "key" else p) * temp[1]
         return F.scaled_dot_product_attention(q, keys, c, scale=s)
 
     def _explicit(self, q, k, v, p) -> torch.Tensor:
-        """Same equations with ``A`` (``m x N``) materialised: fewer kernel calls, for inference and small N."""
+        """Same equations with ``A`` (``m x N``) and ``B`` (``N x m``) materialised: fewer, faster kernel
+        calls than fused attention on these thin shapes; for inference and small N."""
         temp, kappa = self._factors(q.dtype)
         p_scaled = p * (temp[0] * self.scale)
         a = torch.softmax(p_scaled @ k.transpose(-2, -1), dim=-1)  # B H m N
         v_r = a @ v
         k_r = a @ k if self.broadcast == "key" or self.contraction else None
-        c = self._contract(v_r, p_scaled, k_r, 1.0) * kappa
+        c = self._contract(v_r, p_scaled, k_r, 1.0, fused=False) * kappa
         if self.broadcast == "transpose":
             at = a.transpose(-2, -1)  # B H N m
             return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
-        keys = k_r if self.broadcast == "key" else p
-        return F.scaled_dot_product_attention(q, keys * (temp[1] * self.scale), c, scale=1.0)
+        keys = (k_r if self.broadcast == "key" else p) * (temp[1] * self.scale)
+        return torch.softmax(q @ keys.transpose(-2, -1), dim=-1) @ c  # B (N x m) is small without a graph
