@@ -110,7 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--distill-weight", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
     ap.add_argument("--lora-lr", type=float, default=None, help="learning rate of the LoRA run (default 10 x --lr)")
-    ap.add_argument("--align-lr", type=float, default=FinetuneConfig.align_lr)
+    ap.add_argument("--align-lr", type=float, default=1e-2,
+                    help="alignment lr of the added per-head step sizes and temperatures (the pretrained "
+                         "attention projections get 1/10 of it), as in examples/quickstart.py")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=50, help="steps between evaluations on the eval subset")
     ap.add_argument("--eval-subset", type=int, default=2000, help="test images used for the training curves")
