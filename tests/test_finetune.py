@@ -245,6 +245,7 @@ def test_hf_model_and_dataset(assets, tmp_path, monkeypatch):
     assert result["head_reset"] is False and result["eval_images"] == 16
     merged = load_file(str(out / "final" / "model.safetensors"))
     assert any(".mixer." in k for k in merged) and not any("lora" in k for k in merged)
+    assert result["final_format"] == "vit2cbsa" and (out / "final" / "vit2cbsa_config.json").is_file()
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -291,3 +292,26 @@ def test_embedded_teacher_keyword(assets, tmp_path, monkeypatch):
     result = _run([*argv, "--align-steps", "2", "--finetune-steps", "2"])
     assert result["head_reset"] is True and result["eval_images"] == 16
     assert load_file(str(tmp_path / "out" / "final" / "model.safetensors"))["head.weight"].shape == (4, 32)
+
+
+def test_final_folder_loads_with_from_pretrained(assets, tmp_path):
+    """out/final is a vit2cbsa folder: from_pretrained rebuilds the fine-tuned model with its weights."""
+    import vit2cbsa
+
+    out = tmp_path / "out"
+    result = _run(_argv(assets, out, "--align-steps", "2", "--finetune-steps", "2", "--batch-size", "8"))
+    assert result["final_format"] == "vit2cbsa"
+    loaded = vit2cbsa.from_pretrained(out / "final")
+    weights = load_file(str(out / "final" / "model.safetensors"))
+    state = loaded.state_dict()
+    assert set(state) == set(weights)
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, weights[name])
+    assert vit2cbsa.conversion_info(loaded).variant == "cbsa"
+    assert vit2cbsa.conversion_info(loaded).num_representatives == (2, 2)
+    x = torch.randn(2, 3, 32, 32)
+    reference = _tiny_timm(drop_path_rate=0.1)
+    vit2cbsa.convert(reference, "cbsa", 4)
+    reference.load_state_dict(weights)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), reference.eval()(x))

@@ -600,6 +600,39 @@ class _Run:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
+    def save_final(self, model: nn.Module) -> str:
+        """``out/final``: a :func:`vit2cbsa.save_pretrained` folder (``vit2cbsa.from_pretrained`` and
+        ``vit2cbsa push`` take it as it is), or, under FSDP or for an architecture that cannot be
+        rebuilt from its recorded constructor arguments, Accelerate's plain safetensors weights."""
+        from accelerate.utils import DistributedType
+
+        from ..hub import save_pretrained
+
+        acc, final = self.accelerator, self.out / "final"
+        fmt = "vit2cbsa"
+        if acc.distributed_type == DistributedType.FSDP:
+            fmt = "safetensors"
+        elif acc.is_main_process:
+            if final.exists():  # left by a launch killed while saving: ours to replace
+                shutil.rmtree(final)
+            try:
+                save_pretrained(acc.unwrap_model(model), final)
+            except ValueError as e:
+                acc.print(f"warning: out/final holds the weights only ({_one_line(e)})")
+                fmt = "safetensors"
+        fmt = [fmt]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(fmt)
+        if fmt[0] == "safetensors":
+            if final.exists() and acc.is_main_process:
+                shutil.rmtree(final)
+            acc.wait_for_everyone()
+            acc.save_model(model, str(final))
+        acc.wait_for_everyone()
+        return fmt[0]
+
     def __call__(self) -> dict:
         if self.previous is not None:
             self.accelerator.print(f"{self.out} already holds a finished run (final.json); nothing to do")
@@ -619,7 +652,7 @@ class _Run:
         if "finetune" in self.stages and c.lora_rank > 0:
             model = model.merge_and_unload()
         original_acc, converted_acc = self.evaluate(self.original), self.evaluate(model)
-        acc.save_model(model, str(self.out / "final"))
+        saved_as = self.save_final(model)
         start = [r for r in self.metrics.records() if r["stage"] == "start"] if acc.is_main_process else []
         result = dict(
             original_accuracy=original_acc, converted_accuracy=converted_acc,
@@ -627,6 +660,7 @@ class _Run:
             eval_images=len(self.eval_ds), classes=self.data.classes, head_reset=self.loaded.head_reset,
             stages={s: self.stage_steps[s] for s in self.stages}, num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision, weights=str(self.out / "final" / "model.safetensors"),
+            final_format=saved_as,
             conversion=conversion_info(self.student).to_dict(), config=asdict(c),
             seconds_this_launch=round(time.time() - t0, 1))
         if acc.is_main_process:
