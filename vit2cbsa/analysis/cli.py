@@ -7,8 +7,10 @@ it in as the ``explain`` sub-command. MODEL is one of
 * a timm model name             e.g. ``vit_small_patch16_224``; the pretrained weights are tried first,
                                 and if they cannot be loaded (no network) the model is built with
                                 random weights (``pretrained=False``) and a warning is printed;
-* a local folder                a transformers model folder (``config.json`` with ``model_type``) or a
-                                folder saved by :func:`vit2cbsa.hub.save_pretrained` (already converted);
+* a local folder                read as ``vit2cbsa convert`` reads it (:func:`vit2cbsa.cli.resolve_source`):
+                                a transformers model folder (``config.json`` with ``model_type``), a timm
+                                checkpoint folder, or a folder saved by :func:`vit2cbsa.hub.save_pretrained`
+                                (already converted);
 
 optionally followed by ``:VARIANT`` (``cifar10-teacher:cbsa``, ``vit_small_patch16_224:contraction_free``)
 to convert it on the fly; the original model's class-token attention is then shown side by side.
@@ -19,14 +21,14 @@ errors exit with 2.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from ..cli import load_pretrained, parse_grid, parse_layers, resolve_source
 
 DESCRIPTION = """\
 Show which image patches the attention of MODEL uses for IMAGE, per layer and head, as a PNG:
@@ -35,7 +37,7 @@ the layer's token-to-token operator, the gather maps A of the representatives mo
 class token (representative <- patches), a broadcast map B (patches <- representative) and the
 assignment of every patch to the representative it receives most from.
 
-MODEL: cifar10-teacher | a timm model name | a local transformers or vit2cbsa folder,
+MODEL: cifar10-teacher | a timm model name | a local transformers, timm or vit2cbsa folder,
 optionally with :VARIANT (cbsa, contraction_free, linear) to convert it on the fly and compare
 with the original side by side."""
 
@@ -56,30 +58,12 @@ class ExplainError(Exception):
     """An error reported to the user as one line."""
 
 
-def _parse_index_spec(text: str) -> Any:
-    """``all -> None``, ``-1 -> [-1]``, ``0,3 -> [0, 3]``, ``6: -> slice(6, None)``."""
-    text = text.strip()
-    if text in ("all", ""):
-        return None
-    try:
-        if ":" in text:
-            parts = [int(p) if p.strip() else None for p in text.split(":")]
-            if len(parts) > 3:
-                raise ValueError
-            return slice(*parts)
-        return [int(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected all, an index, a list such as 0,3 or a slice such as 6:, got {text!r}") from None
-
-
 def _parse_grid(text: str) -> Any:
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count such as 64 or a grid such as 8x8, got {text!r}") from None
-    if len(parts) not in (1, 2) or min(parts) <= 0:
+    """``vit2cbsa.cli.parse_grid`` (``"64"``, ``"8x8"``), and every side must be positive."""
+    value = parse_grid(text)
+    if min((value,) if isinstance(value, int) else value) <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive count such as 64 or a grid such as 8x8, got {text!r}")
-    return parts[0] if len(parts) == 1 else tuple(parts)
+    return value
 
 
 def build_explain_parser(prog: str = "vit2cbsa explain") -> argparse.ArgumentParser:
@@ -92,9 +76,9 @@ def build_explain_parser(prog: str = "vit2cbsa explain") -> argparse.ArgumentPar
                                                   "optionally with :VARIANT to convert on the fly")
     p.add_argument("image", metavar="IMAGE", help="an image file (any size and aspect ratio; resized and "
                                                   "centre-cropped to the model's input size)")
-    p.add_argument("--layer", "--layers", dest="layers", type=_parse_index_spec, default=[-1], metavar="SPEC",
+    p.add_argument("--layer", "--layers", dest="layers", type=parse_layers, default=[-1], metavar="SPEC",
                    help="attention layers to show: all, -1 (default: the last), 0,3 or 6:")
-    p.add_argument("--heads", type=_parse_index_spec, default=None, metavar="SPEC",
+    p.add_argument("--heads", type=parse_layers, default=None, metavar="SPEC",
                    help="heads to show (default: all)")
     p.add_argument("--out", default="maps.png", metavar="PNG", help="figure to write (default: maps.png)")
     g = p.add_argument_group("on-the-fly conversion (MODEL:VARIANT)")
@@ -140,39 +124,6 @@ def _load_timm(name: str) -> nn.Module:
         raise ExplainError(f"cannot build timm model {name!r}: {' '.join(str(e).split())[:200]}") from e
 
 
-def _load_folder(folder: Path) -> Tuple[nn.Module, Any]:
-    cfg_path = folder / "config.json"
-    try:
-        from ..hub import CONFIG_NAME, from_pretrained
-    except ImportError:  # pragma: no cover - hub is optional here
-        CONFIG_NAME, from_pretrained = None, None
-    if CONFIG_NAME and (folder / CONFIG_NAME).is_file():
-        return from_pretrained(str(folder)), None
-    if not cfg_path.is_file():
-        raise ExplainError(f"{folder} is neither a transformers model folder (config.json) nor a vit2cbsa folder")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ExplainError(f"{cfg_path} cannot be read as JSON: {e}") from e
-    if "model_type" not in cfg:
-        raise ExplainError(f"{cfg_path} has no model_type: not a transformers model folder")
-    import transformers
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-        cls = next((getattr(transformers, n) for n in (config.architectures or []) if hasattr(transformers, n)),
-                   transformers.AutoModel)
-        model = cls.from_pretrained(str(folder))
-    except Exception as e:
-        raise ExplainError(f"cannot load transformers model from {folder}: {' '.join(str(e).split())[:200]}") from e
-    processor = None
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
-    except Exception:  # no saved image processor
-        pass
-    return model, processor
-
-
 def load_model(spec: str, representatives: Any = 64, broadcast: str = "key") -> dict:
     """Resolve MODEL: ``{"model", "reference" (original, or None), "config", "processor", "classes"}``."""
     from ..convert import convert, is_converted
@@ -189,8 +140,9 @@ def load_model(spec: str, representatives: Any = 64, broadcast: str = "key") -> 
         except FileNotFoundError as e:
             raise ExplainError(str(e)) from e
         classes = config.get("class_names")
-    elif path.is_dir():
-        model, processor = _load_folder(path)
+    elif path.is_dir():  # a vit2cbsa, transformers or timm checkpoint folder, as `vit2cbsa convert` reads it
+        loaded = load_pretrained(resolve_source(str(path)))
+        model, processor = loaded.model, loaded.image_processor
         id2label = getattr(getattr(model, "config", None), "id2label", None)
         if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
             classes = [id2label[i] for i in sorted(id2label)]
