@@ -40,7 +40,7 @@ tensor is rescaled; the pooling matrix of unequal windows is a cached constant.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -118,15 +118,17 @@ class CBSAMixer(nn.Module):
         temp = self.log_temperature.exp().to(dtype).view(2, 1, -1, 1, 1)
         return temp, self.kappa.view(1, -1, 1, 1).to(dtype)
 
-    def _contract(self, c: torch.Tensor, p_query: torch.Tensor, k_r: torch.Tensor, scale: float,
-                  fused: bool) -> torch.Tensor:
-        """Step 3: ``V_r + gamma softmax(P K_r^T) V_r`` (``m x m``, among representatives)."""
+    def _contract(self, c: torch.Tensor, queries: torch.Tensor, k_r: torch.Tensor,
+                  scale: Optional[float]) -> torch.Tensor:
+        """Step 3: ``V_r + gamma softmax(P K_r^T) V_r`` (``m x m``, among representatives).
+
+        ``scale``: the fused kernel's scale; ``None``: ``queries`` already carry it (plain matmuls)."""
         if not self.contraction:
             return c
         gamma = self.gamma.view(1, -1, 1, 1).to(c.dtype)
-        if fused:
-            return c + gamma * F.scaled_dot_product_attention(p_query, k_r, c, scale=scale)
-        return c + gamma * (torch.softmax((p_query * scale) @ k_r.transpose(-2, -1), dim=-1) @ c)
+        if scale is not None:
+            return c + gamma * F.scaled_dot_product_attention(queries, k_r, c, scale=scale)
+        return c + gamma * (torch.softmax(queries @ k_r.transpose(-2, -1), dim=-1) @ c)
 
     def _fused(self, q, k, v, prefix: int, h: int, w: int) -> torch.Tensor:
         """Every step a fused kernel: ``A`` (``m x N``) is never stored."""
@@ -137,7 +139,7 @@ class CBSAMixer(nn.Module):
         v_r = F.scaled_dot_product_attention(p_query, k, v, scale=s)
         need_keys = self.broadcast == "key" or self.contraction
         k_r = F.scaled_dot_product_attention(p_query, k, k, scale=s) if need_keys else None
-        c = self._contract(v_r, p_query, k_r, s, fused=True) * kappa  # the broadcast is linear in c: scale m x d, not N x d
+        c = self._contract(v_r, p_query, k_r, s) * kappa  # the broadcast is linear in c: scale m x d, not N x d
         keys = (k_r if self.broadcast == "key" else p) * temp[1]
         return F.scaled_dot_product_attention(q, keys, c, scale=s)
 
@@ -149,7 +151,7 @@ class CBSAMixer(nn.Module):
         a = torch.softmax(p_scaled @ k.transpose(-2, -1), dim=-1)  # B H m N
         v_r = a @ v
         k_r = a @ k if self.broadcast == "key" or self.contraction else None
-        c = self._contract(v_r, p_scaled, k_r, 1.0, fused=False) * kappa
+        c = self._contract(v_r, p_scaled, k_r, None) * kappa
         if self.broadcast == "transpose":
             at = a.transpose(-2, -1)  # B H N m
             return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
