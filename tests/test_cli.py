@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -83,6 +84,26 @@ def test_option_parsers():
     assert parse_resolution("224") == (224, 224) and parse_resolution("224x320") == (224, 320)
     assert parse_layers("all") is None and parse_layers("6:") == slice(6, None)
     assert parse_layers("0,2") == [0, 2] and parse_layers("-1") == [-1] and parse_layers("::2") == slice(None, None, 2)
+
+
+@pytest.mark.parametrize("bad", ["x", "1:2:3:4", "0,,1", "2.5"])
+def test_every_command_line_rejects_the_same_bad_layer_spec(bad):
+    from vit2cbsa.train.finetune import UsageError, parse_layers as finetune_layers
+    with pytest.raises(argparse.ArgumentTypeError, match="a slice such as 6:"):
+        parse_layers(bad)
+    with pytest.raises(UsageError, match=r"--layers: expected all, an index"):
+        finetune_layers(bad)
+
+
+def test_finetune_parses_specs_like_the_cli():
+    from vit2cbsa.train.finetune import UsageError, parse_layers as finetune_layers, parse_representatives
+    for spec in ("all", "6:", "0,2", "-1", "::2"):
+        assert finetune_layers(spec) == parse_layers(spec)
+    assert finetune_layers(None) is None
+    assert parse_representatives("64") == 64 and parse_representatives("8x4") == (8, 4) and parse_representatives(16) == 16
+    assert parse_representatives([4, 2]) == (4, 2)
+    with pytest.raises(UsageError, match="--representatives: expected a count such as 64"):
+        parse_representatives("8x4x2")
 
 
 def test_help_reads_like_a_man_page(capsys):

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 from torch import nn
 
-from . import __version__
+from . import __version__, specs
 from .attention import BROADCASTS, VARIANTS
 
 DESCRIPTION = """\
@@ -69,16 +69,11 @@ class CLIError(Exception):
 
 
 def parse_grid(text: str) -> Any:
-    """``"64" -> 64``, ``"8x8" -> (8, 8)``."""
+    """``"64" -> 64``, ``"8x8" -> (8, 8)`` (:func:`vit2cbsa.specs.parse_grid` as an argparse type)."""
     try:
-        parts = [int(p) for p in text.lower().replace(",", "x").split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count such as 64 or a grid such as 8x8, got {text!r}") from None
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return tuple(parts)
-    raise argparse.ArgumentTypeError(f"expected a count such as 64 or a grid such as 8x8, got {text!r}")
+        return specs.parse_grid(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_resolution(text: str) -> Tuple[int, int]:
@@ -91,19 +86,12 @@ def parse_resolution(text: str) -> Tuple[int, int]:
 
 
 def parse_layers(text: str) -> Any:
-    """``"all" -> None``, ``"3" -> [3]``, ``"0,1" -> [0, 1]``, ``"6:" -> slice(6, None)``."""
-    text = text.strip()
-    if text in ("all", ""):
-        return None
+    """``"all" -> None``, ``"3" -> [3]``, ``"0,1" -> [0, 1]``, ``"6:" -> slice(6, None)``
+    (:func:`vit2cbsa.specs.parse_layers` as an argparse type)."""
     try:
-        if ":" in text:
-            parts = [int(p) if p.strip() else None for p in text.split(":")]
-            if len(parts) > 3:
-                raise ValueError
-            return slice(*parts)
-        return [int(p) for p in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected all, an index, a list such as 0,1,2 or a slice such as 6:, got {text!r}") from None
+        return specs.parse_layers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_metric(text: str) -> Tuple[str, float]:

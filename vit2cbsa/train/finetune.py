@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import specs
 from ..convert import conversion_info, convert
 from .align import AttentionAligner
 from .data import (DataError, TransformedDataset, Transforms, hf_transforms, load_image_data, subset_indices,
@@ -122,29 +123,21 @@ class FinetuneConfig:
 
 
 def parse_layers(spec: Optional[str]):
-    """``None``/"all" -> all layers; ``"6:"``/``"::2"`` -> a slice; ``"0,2,4"`` / ``"-1"`` -> indices."""
-    if spec is None or str(spec).strip().lower() in ("", "all"):
-        return None
-    spec = str(spec).strip()
+    """:func:`vit2cbsa.specs.parse_layers`, raising :class:`UsageError` for ``--layers``."""
     try:
-        if ":" in spec:
-            return slice(*[int(p) if p.strip() else None for p in spec.split(":")])
-        return [int(p) for p in spec.split(",") if p.strip()]
-    except (TypeError, ValueError):
-        raise UsageError(f"--layers {spec!r}: expected a slice like '6:' or indices like '0,2,4'") from None
+        return specs.parse_layers(spec)
+    except ValueError as e:
+        raise UsageError(f"--layers: {e}") from None
 
 
 def parse_representatives(spec: Union[str, int, Sequence[int]]) -> Union[int, Tuple[int, int]]:
-    """``64`` or ``"64"`` (a square count) or ``"8x4"`` (a grid)."""
-    if isinstance(spec, int):
-        return spec
-    if not isinstance(spec, str):
+    """``64`` or ``"64"`` (a square count) or ``"8x4"`` (a grid); :func:`vit2cbsa.specs.parse_grid`."""
+    if not isinstance(spec, (str, int)):
         return tuple(int(v) for v in spec)  # type: ignore[return-value]
     try:
-        parts = [int(p) for p in spec.lower().split("x")]
-    except ValueError:
-        raise UsageError(f"--representatives {spec!r}: expected a count like 64 or a grid like 8x8") from None
-    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+        return specs.parse_grid(spec)
+    except ValueError as e:
+        raise UsageError(f"--representatives: {e}") from None
 
 
 def _one_line(e: BaseException) -> str:

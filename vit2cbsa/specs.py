@@ -1,0 +1,49 @@
+"""Text forms of the conversion options, shared by every command line of the project.
+
+``vit2cbsa convert``, ``vit2cbsa explain``, ``examples/finetune.py`` and the benchmarks all take
+the same two specs; each parses them here and wraps the ``ValueError`` into its own usage error.
+
+* representatives: ``"64"`` -> ``64`` (a square count, an 8x8 grid), ``"8x4"`` / ``"8,4"`` -> ``(8, 4)``;
+* layers: ``"all"`` / ``""`` -> ``None`` (every attention layer), ``"3"`` -> ``[3]``, ``"0,2"`` -> ``[0, 2]``,
+  ``"-1"`` -> ``[-1]`` (the last), ``"6:"`` / ``"::2"`` -> ``slice(6, None)`` / ``slice(None, None, 2)``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+GRID_FORMS = "a count such as 64 or a grid such as 8x8"
+LAYER_FORMS = "all, an index, a list such as 0,1,2 or a slice such as 6:"
+
+
+def parse_grid(text: Union[str, int]) -> Union[int, Tuple[int, int]]:
+    """``"64" -> 64``, ``"8x8" -> (8, 8)``; raises ``ValueError`` naming the accepted forms."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    try:
+        parts = [int(p) for p in str(text).strip().lower().replace(",", "x").split("x")]
+    except ValueError:
+        raise ValueError(f"expected {GRID_FORMS}, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise ValueError(f"expected {GRID_FORMS}, got {text!r}")
+
+
+def parse_layers(text: Optional[str]) -> Union[None, slice, List[int]]:
+    """``"all" -> None``, ``"0,1" -> [0, 1]``, ``"6:" -> slice(6, None)``; raises ``ValueError``."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text.lower() in ("all", ""):
+        return None
+    try:
+        if ":" in text:
+            parts = [int(p) if p.strip() else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            return slice(*parts)
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected {LAYER_FORMS}, got {text!r}") from None
