@@ -9,11 +9,12 @@ grid on the teacher's 8x8 patch grid) this measures, on the full 10,000-image CI
 * after attention alignment, and after supervised fine-tuning (distilling the original's logits)
   for a fixed budget of steps, with the wall time of every stage and the parameters trained.
 
-Runs (all with batch 128, seed 0, distillation weight 0.5; flags change the defaults)::
+Runs (all with batch 128, seed 0, fine-tuning lr 5e-4, pure distillation of the original's logits
+(distillation weight 1.0, no labels); flags change the defaults)::
 
     cbsa, contraction_free, linear   align 50 + full fine-tune 350 steps
     cbsa_noalign                     full fine-tune 400 steps, no alignment (same total steps)
-    cbsa_lora                        align 50 + 350 steps of LoRA (rank 8, lr 10x the full fine-tuning lr)
+    cbsa_lora                        align 50 + 350 steps of LoRA (rank 8, lr 2e-3)
     hybrid_cbsa                      layers "3:" only (blocks 0-2 keep softmax): align 50 + fine-tune 350
 
 Alignment gets 50 steps because its accuracy curve saturates there (with 100 steps on the 71.96%
@@ -110,9 +111,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--representatives", default="16", help="count (16 = 4x4 grid) or grid like 4x4")
     ap.add_argument("--hybrid-layers", default="3:", help="converted layers of the hybrid run")
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--distill-weight", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=FinetuneConfig.lr, help="fine-tuning learning rate")
-    ap.add_argument("--lora-lr", type=float, default=None, help="learning rate of the LoRA run (default 10 x --lr)")
+    ap.add_argument("--distill-weight", type=float, default=1.0,
+                    help="weight of the KL to the original's logits (1.0: no labels used)")
+    ap.add_argument("--lr", type=float, default=5e-4,
+                    help="fine-tuning learning rate (5e-4 beat 1e-4 by 0.8 points on contraction_free at this budget)")
+    ap.add_argument("--lora-lr", type=float, default=None, help="learning rate of the LoRA run (default 4 x --lr)")
     ap.add_argument("--align-lr", type=float, default=1e-2,
                     help="alignment lr of the added per-head step sizes and temperatures (the pretrained "
                          "attention projections get 1/10 of it), as in examples/quickstart.py")
@@ -138,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     smoke_root = Path("/tmp/vit2cbsa_recovery_smoke")
     args.out = args.out or (smoke_root / "results" if args.smoke else REPO / "benchmarks" / "results")
     args.work_dir = args.work_dir or (smoke_root / "runs" if args.smoke else DEFAULT_CACHE / "recovery_runs")
-    args.lora_lr = args.lora_lr if args.lora_lr is not None else 10 * args.lr
+    args.lora_lr = args.lora_lr if args.lora_lr is not None else 4 * args.lr
     args.runs = [r.strip() for r in args.only.split(",") if r.strip()]
     bad = [r for r in args.runs if r not in RUN_NAMES]
     if bad:
