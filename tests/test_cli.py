@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import transformers
-from torch.utils.flop_counter import FlopCounterMode
+from vit2cbsa.measure import flop_counter
 
 import vit2cbsa
 from vit2cbsa.cli import main, parse_grid, parse_layers, parse_resolution
@@ -142,7 +142,7 @@ def test_inspect_timm_name_at_a_resolution(capsys):
                          "converted": False}
     # independent count, on the model built at that resolution
     base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(32, 48)).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as before:
+    with torch.no_grad(), flop_counter() as before:
         copy.deepcopy(base)(torch.zeros(1, 3, 32, 48))
     assert report["flops_before"] == before.get_total_flops()
     assert report["params_before"] == sum(p.numel() for p in base.parameters())

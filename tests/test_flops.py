@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from vit2cbsa.measure import flop_counter
 
 import vit2cbsa
 
@@ -17,7 +17,7 @@ def attention_flops(attn, layout, side, dim):
     x = torch.randn(1, 1 + side * side, dim)
     if layout is not None:
         layout.use_grid((side, side))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         attn(x)
     return counter.get_total_flops()
 
@@ -46,3 +46,16 @@ def test_flops_linear_in_tokens(variant):
     per_token = [f / n for f, n in zip(conv, ns)]
     assert max(per_token[2:]) / min(per_token[2:]) < 1.05
     assert conv[-1] < orig[-1] / 5
+
+
+def test_fused_attention_counted_on_cpu():
+    """The CPU fused softmax-attention kernel counts as its two N x N matmuls (forward) and five (backward),
+    whether or not this torch's own registry knows it."""
+    b, h, n, d = 2, 3, 50, 16
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    with flop_counter() as fwd:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert fwd.get_total_flops() == 2 * (2 * b * h * n * n * d)
+    with flop_counter() as bwd:
+        out.sum().backward()
+    assert bwd.get_total_flops() == 5 * (2 * b * h * n * n * d)

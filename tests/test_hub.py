@@ -21,7 +21,7 @@ import timm
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
-from torch.utils.flop_counter import FlopCounterMode
+from vit2cbsa.measure import flop_counter
 
 import vit2cbsa
 from vit2cbsa.hub import CONFIG_NAME, CheckpointError, from_pretrained, push_to_hub, read_config, save_pretrained
@@ -481,7 +481,7 @@ def hub_calls(monkeypatch):
 
 
 def _flops(model, size):
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         model(torch.zeros(1, *size))
     return counter.get_total_flops()
 

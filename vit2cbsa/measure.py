@@ -1,7 +1,12 @@
 """Measuring converted vs original models: FLOPs, side-by-side timing, feature fidelity.
 
 * FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions
-  and attention kernels; elementwise ops are not counted).
+  and attention kernels; elementwise ops are not counted), through :func:`flop_counter`, which adds
+  the formulas some torch releases lack for the CPU fused attention kernels
+  (``_scaled_dot_product_flash_attention_for_cpu`` and its backward): per head, forward
+  ``2 Nq Nk d + 2 Nq Nk dv``; backward ``2 Nq Nk (2 d + 2 dv) + 2 Nq Nk d`` (scores recomputed,
+  then the gradients of ``V``, of the scores, of ``Q`` and of ``K``) -- the counts torch uses for
+  its GPU kernels. Without them the original model's attention counted as 0 FLOPs on the CPU.
 * Timing is side by side: the models run alternately on the same input in the same process,
   after warm-up, and the median of the repeats is reported, so the ratio is robust to the
   machine's load drifting during the run.
@@ -19,9 +24,36 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
+def _sdpa_forward_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    b, h, nq, d = q
+    return 2 * b * h * nq * k[-2] * (d + v[-1])
+
+
+def _sdpa_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    b, h, nq, d = q
+    return 2 * b * h * nq * k[-2] * (2 * d + 2 * v[-1] + d)
+
+
+def flop_counter(**kwargs) -> FlopCounterMode:
+    """A ``FlopCounterMode`` (same arguments) that also counts the CPU fused attention kernels where
+    this torch's registry has no formula for them (the counts of the GPU kernels' formulas)."""
+    from torch.utils import flop_counter as fc
+
+    registry = getattr(fc, "flop_registry", None) or getattr(fc, "FLOP_REGISTRY", {})
+    extra = {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward_flops),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in registry:
+            extra[op] = formula
+    extra.update(kwargs.pop("custom_mapping", None) or {})
+    kwargs.setdefault("display", False)
+    return FlopCounterMode(custom_mapping=extra, **kwargs)
+
+
 def count_flops(fn: Callable[..., object], *inputs: torch.Tensor) -> int:
     """FLOPs of one call ``fn(*inputs)`` (no gradients)."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with flop_counter() as counter, torch.no_grad():
         fn(*inputs)
     return int(counter.get_total_flops())
 

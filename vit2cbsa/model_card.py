@@ -15,9 +15,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import ConvertedAttention, find_adapter
+from .measure import flop_counter
 
 InputSize = Tuple[int, int, int]  # channels, height, width
 
@@ -109,7 +109,7 @@ def _measure(model: nn.Module, input_size: InputSize) -> Tuple[int, int, Tuple[i
                find_patch_embedding(model)[1].register_forward_hook(on_patch)]
     pixels = torch.zeros(1, *input_size, device=ref.device, dtype=ref.dtype)
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), flop_counter() as counter:
             forward_pixels(model, pixels)
     finally:
         for h in handles:
