@@ -22,9 +22,8 @@ teacher: 61.6% at step 50, 62.6% at step 100), so the other 50 steps go to fine-
 
 Cost: measured with ``--estimate`` on this 2-core machine while other jobs were running (1 thread):
 ~1.9 s per fine-tuning step and ~1.2 s per alignment step at batch 128, ~5 ms per evaluated image;
-95 min for the whole benchmark on 1 thread, so roughly 50-60 min with 2 threads on idle cores.
-``--batch-size 64 --eval-subset 1000`` (or ``--align-steps 50 --finetune-steps 150 --eval-every 25``)
-brings it to about 30-35 min; run ``--estimate`` on the idle machine to check before launching.
+95 min for the whole benchmark on 1 thread. With the defaults on 2 threads it took 40 min on 2026-11-23
+(0.9-1.2 s per fine-tuning step, 0.6-0.8 s per alignment step); run ``--estimate`` to check before launching.
 
 The training is :func:`vit2cbsa.train.finetune.run` (one run per line above, each in its own folder
 under ``--work-dir``, resumable: relaunching the same command continues an interrupted run and does

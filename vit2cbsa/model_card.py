@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import ConvertedAttention, find_adapter
-from .measure import flop_counter
+from .measure import count_flops
 
 InputSize = Tuple[int, int, int]  # channels, height, width
 
@@ -109,12 +109,11 @@ def _measure(model: nn.Module, input_size: InputSize) -> Tuple[int, int, Tuple[i
                find_patch_embedding(model)[1].register_forward_hook(on_patch)]
     pixels = torch.zeros(1, *input_size, device=ref.device, dtype=ref.dtype)
     try:
-        with torch.no_grad(), flop_counter() as counter:
-            forward_pixels(model, pixels)
+        flops = count_flops(forward_pixels, model, pixels)
     finally:
         for h in handles:
             h.remove()
-    return counter.get_total_flops(), seen["tokens"], seen["grid"]
+    return flops, seen["tokens"], seen["grid"]
 
 
 def compare_costs(base: nn.Module, converted: nn.Module, input_size: Optional[InputSize] = None) -> CostReport:
