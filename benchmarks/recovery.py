@@ -79,7 +79,10 @@ from vit2cbsa.train.data import load_image_data, subset_indices, teacher_transfo
 from vit2cbsa.train.finetune import (_RESUMABLE_CHANGES, FinetuneConfig, apply_lora, lora_targets,  # noqa: E402
                                      parse_layers, parse_representatives, run)
 
-RUN_NAMES = ("cbsa", "contraction_free", "linear", "cbsa_noalign", "cbsa_lora", "hybrid_cbsa")
+RUN_NAMES = ("cbsa", "contraction_free", "linear", "cbsa_noalign", "cbsa_lora", "hybrid_cbsa",
+             "linear_noalign", "cbsa_lora_noalign")
+# (with alignment, without): the same run but for the alignment stage, whose steps go to fine-tuning instead
+ALIGN_PAIRS = (("cbsa", "cbsa_noalign"), ("linear", "linear_noalign"), ("cbsa_lora", "cbsa_lora_noalign"))
 VARIANTS = ("cbsa", "contraction_free", "linear")
 DEFAULT_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 DEFAULT_CACHE = Path("~/.cache/vit2cbsa").expanduser()
@@ -124,6 +127,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--final-eval", type=int, default=None, help="test images for the final numbers (default all)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes per run")
+    ap.add_argument("--reuse", type=Path, default=None, metavar="RECOVERY_JSON",
+                    help="a recovery.json written earlier with the same teacher and settings: its runs that are not "
+                         "in --only are copied into this result (marked 'reused_from'), so a run can be added to "
+                         "a finished table without redoing the others")
     ap.add_argument("--keep-checkpoints", action="store_true",
                     help="keep each run's training checkpoints (default: deleted once the run is finished and measured)")
     ap.add_argument("--estimate", action="store_true",
@@ -301,6 +308,9 @@ def run_specs(args) -> Dict[str, dict]:
         "cbsa_noalign": dict(variant="cbsa", layers=None, align_steps=0, finetune_steps=a + f, lora_rank=0),
         "cbsa_lora": dict(variant="cbsa", layers=None, align_steps=a, finetune_steps=f, lora_rank=args.lora_rank),
         "hybrid_cbsa": dict(variant="cbsa", layers=args.hybrid_layers, align_steps=a, finetune_steps=f, lora_rank=0),
+        "linear_noalign": dict(variant="linear", layers=None, align_steps=0, finetune_steps=a + f, lora_rank=0),
+        "cbsa_lora_noalign": dict(variant="cbsa", layers=None, align_steps=0, finetune_steps=a + f,
+                                  lora_rank=args.lora_rank),
     }
 
 
@@ -464,6 +474,31 @@ def do_run(name: str, spec: dict, args, data_dir: Path, teacher: torch.nn.Module
     return out
 
 
+# settings that may differ between a reused result and this launch (where things are, not what is run)
+_REUSE_IGNORED = ("data", "work_dir", "torch", "cpu_count", "num_workers")
+
+
+def reused_runs(path: Path, settings: dict, teacher_sha: str, skip: List[str]) -> Dict[str, dict]:
+    """Runs of an earlier ``recovery.json`` (same teacher, same settings) that this launch did not run."""
+    if not path.is_file():
+        raise SystemExit(f"error: --reuse {path}: no such file")
+    old = json.loads(path.read_text())
+    if old.get("teacher", {}).get("sha256") != teacher_sha:
+        raise SystemExit(f"error: --reuse {path} was measured on another teacher "
+                         f"(sha256 {str(old.get('teacher', {}).get('sha256'))[:12]} vs {teacher_sha[:12]}); rerun those runs")
+    diff = {k: (old["settings"].get(k), v) for k, v in settings.items()
+            if k not in _REUSE_IGNORED and old["settings"].get(k) != v}
+    if diff:
+        raise SystemExit(f"error: --reuse {path} was run with other settings {diff} (old, now); use the same flags "
+                         f"or rerun all runs")
+    src = dict(file=str(path), date_utc=old.get("date_utc"), command=old.get("command"))
+    out = {}
+    for name, r in old["runs"].items():
+        if name not in skip:
+            out[name] = dict(r, reused_from=r.get("reused_from", src))
+    return out
+
+
 # --------------------------------------------------------------------------- summary: thresholds, verdict, table, plot
 
 
@@ -471,10 +506,8 @@ def first_step(curve: List[dict], thr: float) -> Optional[dict]:
     return next((p for p in curve if p["accuracy"] >= thr - 1e-12), None)
 
 
-def alignment_comparison(runs: Dict[str, dict], teacher_sub: float) -> Optional[dict]:
-    if "cbsa" not in runs or "cbsa_noalign" not in runs:
-        return None
-    a, b = runs["cbsa"]["curve"], runs["cbsa_noalign"]["curve"]
+def compare_pair(a: List[dict], b: List[dict], teacher_sub: float) -> dict:
+    """Global step at which curve ``a`` (with alignment) and curve ``b`` (without) first reach a threshold."""
     target = teacher_sub - 0.02
     if first_step(a, target) and first_step(b, target):
         thr, how = target, "teacher - 2 points (on the eval subset); both runs reach it"
@@ -491,16 +524,32 @@ def alignment_comparison(runs: Dict[str, dict], teacher_sub: float) -> Optional[
         table.append(dict(threshold=round(t, 4), drop_points=round(drop * 100),
                           with_alignment_step=qa and qa["step"], without_alignment_step=qb and qb["step"]))
     faster = pa is not None and pb is not None and pa["step"] < pb["step"]
+    # the whole curves compared step by step: how often the aligned run is ahead, and by how much on average
+    bs = {p["step"]: p["accuracy"] for p in b}
+    diffs = [p["accuracy"] - bs[p["step"]] for p in a if p["step"] in bs and p["step"] > 0]
     return dict(threshold=round(thr, 4), threshold_rule=how, teacher_eval_subset_accuracy=teacher_sub,
                 with_alignment=dict(step=pa and pa["step"], train_s=pa and pa["train_s"]),
                 without_alignment=dict(step=pb and pb["step"], train_s=pb and pb["train_s"]),
                 alignment_reaches_it_in_fewer_steps=faster, other_thresholds=table,
+                aligned_ahead_at_evals=f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
+                mean_gap_points=round(100 * sum(diffs) / max(1, len(diffs)), 2),
                 note="steps count alignment steps and fine-tuning steps alike (global steps); train_s is training "
                      "wall time to that evaluation, evaluations excluded; curves are evaluated every "
-                     "--eval-every steps, so step counts are resolved to that grid")
+                     "--eval-every steps, so step counts are resolved to that grid; mean_gap_points: mean of "
+                     "(with - without) over the evaluations after step 0")
 
 
-def verdict(runs: Dict[str, dict], teacher_acc: float, align_cmp: Optional[dict]) -> dict:
+def alignment_comparison(runs: Dict[str, dict], teacher_sub: float) -> Dict[str, dict]:
+    """For every (with, without alignment) pair of :data:`ALIGN_PAIRS` present: :func:`compare_pair`."""
+    out = {}
+    for with_name, without_name in ALIGN_PAIRS:
+        if with_name in runs and without_name in runs:
+            out[with_name] = dict(with_run=with_name, without_run=without_name,
+                                  **compare_pair(runs[with_name]["curve"], runs[without_name]["curve"], teacher_sub))
+    return out
+
+
+def verdict(runs: Dict[str, dict], teacher_acc: float, align_cmp: Dict[str, dict]) -> dict:
     v: dict = {}
     fin = {n: r["test"]["final"]["accuracy"] for n, r in runs.items()}
     base = {n: fin[n] for n in VARIANTS if n in fin}
@@ -514,12 +563,18 @@ def verdict(runs: Dict[str, dict], teacher_acc: float, align_cmp: Optional[dict]
         best_any = max(fin, key=fin.get)
         v["best_run_overall"] = best_any
         v["best_run_overall_gap_points"] = round(100 * (teacher_acc - fin[best_any]), 2)
-    if align_cmp is not None:
-        v["alignment_faster"] = align_cmp["alignment_reaches_it_in_fewer_steps"]
-        v["alignment_comparison"] = (
-            f"to reach {align_cmp['threshold']:.4f} on the eval subset ({align_cmp['threshold_rule']}): "
-            f"{align_cmp['with_alignment']['step']} steps with alignment (align stage included) vs "
-            f"{align_cmp['without_alignment']['step']} without")
+    if align_cmp:
+        v["alignment_faster"] = {k: c["alignment_reaches_it_in_fewer_steps"] for k, c in align_cmp.items()}
+        parts = []
+        for k, c in align_cmp.items():
+            fw, fo = (runs[c["with_run"]]["test"]["final"]["accuracy"], runs[c["without_run"]]["test"]["final"]["accuracy"])
+            parts.append(
+                f"{k}: {pct(c['threshold'])}% on the eval subset reached at step {c['with_alignment']['step']} with "
+                f"alignment (align stage included) vs {c['without_alignment']['step']} without "
+                f"({'faster' if c['alignment_reaches_it_in_fewer_steps'] else 'NOT faster'}); aligned run ahead at "
+                f"{c['aligned_ahead_at_evals']} evaluations (mean {c['mean_gap_points']:+.2f} points); final "
+                f"{pct(fw)}% vs {pct(fo)}%")
+        v["alignment_comparison"] = "Alignment vs none, same total steps -- " + "; ".join(parts)
     if all(n in base for n in VARIANTS):
         cf, li, cb = base["contraction_free"], base["linear"], base["cbsa"]
         margin, tol = 0.005, 0.01
@@ -587,16 +642,21 @@ def markdown(result: dict) -> str:
             f"{(tp['align'] if r['align_steps'] else 0):,} / {tp['finetune']:,} |")
     v = result["verdict"]
     lines += ["", f"Wall times are training time on {s['threads']} CPU thread(s) with the periodic "
-              f"{s['eval_subset']}-image evaluations excluded; the whole benchmark took {result['total_wall_s'] / 60:.1f} min."]
-    ac = result.get("alignment_comparison")
-    if ac:
-        lines += ["", f"**Alignment vs none (cbsa, same total steps):** "
+              f"{s['eval_subset']}-image evaluations excluded; " + (
+        f"this launch took {result['total_wall_s'] / 60:.1f} min; runs " + ", ".join(
+            f"{n} ({r['reused_from']['date_utc']})" for n, r in result["runs"].items() if "reused_from" in r) +
+        " are reused from earlier launches with the same teacher and settings."
+        if any("reused_from" in r for r in result["runs"].values()) else
+        f"the whole benchmark took {result['total_wall_s'] / 60:.1f} min.")]
+    for k, ac in (result.get("alignment_comparison") or {}).items():
+        lines += ["", f"**Alignment vs none ({k} vs {ac['without_run']}, same total steps):** "
                   f"threshold {pct(ac['threshold'])}% on the {s['eval_subset']}-image eval subset "
                   f"(teacher there: {pct(ac['teacher_eval_subset_accuracy'])}%; {ac['threshold_rule']}). "
                   f"With alignment (align {s['align_steps']} + fine-tune) it is reached at step {ac['with_alignment']['step']} "
                   f"({ac['with_alignment']['train_s']}s), without at step {ac['without_alignment']['step']} "
                   f"({ac['without_alignment']['train_s']}s) → alignment "
-                  f"{'IS' if ac['alignment_reaches_it_in_fewer_steps'] else 'is NOT'} faster in steps."]
+                  f"{'IS' if ac['alignment_reaches_it_in_fewer_steps'] else 'is NOT'} faster in steps; the aligned "
+                  f"run is ahead at {ac['aligned_ahead_at_evals']} evaluations (mean {ac['mean_gap_points']:+.2f} points)."]
     lines += ["", "**Verdict.**"]
     if "best_variant" in v:
         lines.append(f"- Best variant: {v['best_variant']} at {pct(v['best_variant_accuracy'])}%, "
@@ -619,11 +679,12 @@ def plot(result: dict, path: Path) -> None:
     runs = result["runs"]
     s = result["settings"]
     teacher_sub = next(iter(runs.values()))["eval_subset_original_accuracy"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    pairs = [(a, b) for a, b in ALIGN_PAIRS if a in runs and b in runs]
+    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(19 if pairs else 13, 4.8))
     ax = axes[0]
     styles = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
     markers = ["o", "s", "^", "v", "D", "x"]
-    for i, (name, r) in enumerate(runs.items()):
+    for i, (name, r) in enumerate((n, r) for n, r in runs.items() if not n.endswith("_noalign")):
         xs = [p["step"] for p in r["curve"]]
         ys = [100 * p["accuracy"] for p in r["curve"]]
         ax.plot(xs, ys, ls=styles[i % 6], marker=markers[i % 6], ms=4, label=name)
@@ -631,25 +692,42 @@ def plot(result: dict, path: Path) -> None:
     ax.axvline(s["align_steps"], color="grey", ls=":", lw=1)
     ax.text(s["align_steps"], ax.get_ylim()[0], " end of alignment", color="grey", fontsize=8, va="bottom")
     ax.set(xlabel="training step (alignment + fine-tuning)", ylabel=f"accuracy on {s['eval_subset']} test images (%)",
-           title="Recovery per run")
+           title="Recovery per run (runs without alignment: right)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax = axes[1]
-    ac = result.get("alignment_comparison")
-    for name, lab in (("cbsa", "cbsa: align + fine-tune"), ("cbsa_noalign", "cbsa: fine-tune only")):
-        if name in runs:
+    colors = ["C0", "C1", "C2"]
+    for i, (with_name, without_name) in enumerate(ALIGN_PAIRS):
+        if with_name not in runs or without_name not in runs:
+            continue
+        for name, ls, lab in ((with_name, "-", "align + fine-tune"), (without_name, "--", "fine-tune only")):
             r = runs[name]
-            ax.plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], marker="o", ms=3,
-                    label=lab)
+            ax.plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], ls=ls,
+                    color=colors[i % 3], marker="o" if ls == "-" else "s", ms=3, label=f"{with_name}: {lab}")
+        ac = (result.get("alignment_comparison") or {}).get(with_name)
+        if ac:
+            ax.axhline(100 * ac["threshold"], color=colors[i % 3], ls=":", lw=0.8)
     ax.axhline(100 * teacher_sub, color="k", ls="--", lw=1, label="teacher")
-    if ac:
-        ax.axhline(100 * ac["threshold"], color="r", ls=":", lw=1, label=f"threshold {100 * ac['threshold']:.1f}%")
-        for k in ("with_alignment", "without_alignment"):
-            if ac[k]["step"] is not None:
-                ax.axvline(ac[k]["step"], color="r", ls=":", lw=0.8)
-    ax.set(xlabel="training step", title="CBSA: with vs without attention alignment")
+    ax.axvline(s["align_steps"], color="grey", ls=":", lw=1)
+    ax.set(xlabel="training step (alignment + fine-tuning)",
+           title="With vs without attention alignment (dotted: comparison thresholds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    if pairs:
+        ax = axes[2]
+        for i, (with_name, without_name) in enumerate(ALIGN_PAIRS):
+            if (with_name, without_name) not in pairs:
+                continue
+            other = {p["step"]: p["accuracy"] for p in runs[without_name]["curve"]}
+            pts = [(p["step"], 100 * (p["accuracy"] - other[p["step"]])) for p in runs[with_name]["curve"]
+                   if p["step"] in other and p["step"] > 0]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, color=colors[i % 3], label=with_name)
+        ax.axhline(0, color="k", lw=1)
+        ax.axvline(s["align_steps"], color="grey", ls=":", lw=1)
+        ax.set(xlabel="training step", ylabel="with - without alignment (points)",
+               title=f"Gain from alignment at equal steps ({s['eval_subset']} test images)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -743,23 +821,30 @@ def main(argv=None) -> dict:
     log(f"teacher re-measured: {t_meas['accuracy']:.4f} on {t_meas['images']} images")
     if args.estimate:
         return estimate(args, data_dir, teacher, tsha, test, t_meas["seconds"], t_setup)
-    specs = run_specs(args)
-    runs: Dict[str, dict] = {}
-    init_cache: dict = {}
-    for name in args.runs:
-        runs[name] = do_run(name, specs[name], args, data_dir, teacher, tsha, test, init_cache)
-    teacher_sub = next(iter(runs.values()))["eval_subset_original_accuracy"] if runs else None
-    align_cmp = alignment_comparison(runs, teacher_sub) if runs else None
-    result = dict(
-        command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        settings=dict(smoke=args.smoke, align_steps=args.align_steps, finetune_steps=args.finetune_steps,
+    settings = dict(smoke=args.smoke, align_steps=args.align_steps, finetune_steps=args.finetune_steps,
                       batch_size=args.batch_size, representatives=str(args.representatives),
                       hybrid_layers=args.hybrid_layers, lora_rank=args.lora_rank, lora_lr=args.lora_lr, distill_weight=args.distill_weight,
                       temperature=FinetuneConfig.temperature, lr=args.lr, align_lr=args.align_lr, seed=args.seed,
                       eval_every=args.eval_every, eval_subset=args.eval_subset, threads=args.threads,
                       num_workers=args.num_workers, data=str(data_dir), work_dir=str(args.work_dir),
-                      torch=torch.__version__, cpu_count=os.cpu_count()),
+                      torch=torch.__version__, cpu_count=os.cpu_count())
+    if args.reuse is not None:  # validated before any training
+        reused_runs(args.reuse, settings, tsha, args.runs)
+    specs = run_specs(args)
+    runs: Dict[str, dict] = {}
+    init_cache: dict = {}
+    for name in args.runs:
+        runs[name] = do_run(name, specs[name], args, data_dir, teacher, tsha, test, init_cache)
+    if args.reuse is not None:
+        old_runs = reused_runs(args.reuse, settings, tsha, list(runs))
+        log(f"reusing runs {', '.join(old_runs) or '(none)'} from {args.reuse}")
+        runs = {n: (runs.get(n) or old_runs[n]) for n in RUN_NAMES if n in runs or n in old_runs}
+    teacher_sub = next(iter(runs.values()))["eval_subset_original_accuracy"] if runs else None
+    align_cmp = alignment_comparison(runs, teacher_sub) if runs else {}
+    result = dict(
+        command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        settings=settings,
         teacher=dict(sha256=tsha, epoch=tcfg.get("epoch"), num_params=tcfg.get("num_params"),
                      accuracy_from_config=tcfg.get("test_accuracy"), accuracy_measured=t_meas["accuracy"],
                      accuracy_eval_subset=t_meas.get("accuracy_eval_subset"), test_images=t_meas["images"]),
