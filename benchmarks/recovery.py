@@ -13,8 +13,9 @@ Runs (all with batch 128, seed 0, fine-tuning lr 5e-4, pure distillation of the 
 (distillation weight 1.0, no labels); flags change the defaults)::
 
     cbsa, contraction_free, linear   align 50 + full fine-tune 350 steps
-    cbsa_noalign                     full fine-tune 400 steps, no alignment (same total steps)
+    cbsa_noalign, linear_noalign     full fine-tune 400 steps, no alignment (same total steps)
     cbsa_lora                        align 50 + 350 steps of LoRA (rank 8, lr 2e-3)
+    cbsa_lora_noalign                400 steps of LoRA, no alignment
     hybrid_cbsa                      layers "3:" only (blocks 0-2 keep softmax): align 50 + fine-tune 350
 
 Alignment gets 50 steps because its accuracy curve saturates there (with 100 steps on the 71.96%
@@ -22,8 +23,9 @@ teacher: 61.6% at step 50, 62.6% at step 100), so the other 50 steps go to fine-
 
 Cost: measured with ``--estimate`` on this 2-core machine while other jobs were running (1 thread):
 ~1.9 s per fine-tuning step and ~1.2 s per alignment step at batch 128, ~5 ms per evaluated image;
-95 min for the whole benchmark on 1 thread. With the defaults on 2 threads it took 40 min on 2026-11-23
-(0.9-1.2 s per fine-tuning step, 0.6-0.8 s per alignment step); run ``--estimate`` to check before launching.
+95 min for the whole benchmark on 1 thread. With the defaults on 2 threads the first six runs took 40 min on
+2026-11-23 (0.9-1.2 s per fine-tuning step, 0.6-0.8 s per alignment step) and the two runs without alignment
+added later (``--only linear_noalign,cbsa_lora_noalign --reuse``) 12 min, so about 52 min in all; run ``--estimate`` to check before launching.
 
 The training is :func:`vit2cbsa.train.finetune.run` (one run per line above, each in its own folder
 under ``--work-dir``, resumable: relaunching the same command continues an interrupted run and does
@@ -45,6 +47,7 @@ without alignment) and ``recovery.md`` (the markdown table, also printed to stdo
     .venv/bin/python benchmarks/recovery.py --estimate          # ~3 min: time a few steps, project the total
     .venv/bin/python benchmarks/recovery.py                     # the full benchmark (2 threads)
     .venv/bin/python benchmarks/recovery.py --only cbsa,cbsa_noalign
+    .venv/bin/python benchmarks/recovery.py --only linear_noalign --reuse benchmarks/results/recovery.json  # add a run
     .venv/bin/python benchmarks/recovery.py --smoke --threads 1  # plumbing check: ~5 steps, 256 images
 """
 
@@ -79,8 +82,8 @@ from vit2cbsa.train.data import load_image_data, subset_indices, teacher_transfo
 from vit2cbsa.train.finetune import (_RESUMABLE_CHANGES, FinetuneConfig, apply_lora, lora_targets,  # noqa: E402
                                      parse_layers, parse_representatives, run)
 
-RUN_NAMES = ("cbsa", "contraction_free", "linear", "cbsa_noalign", "cbsa_lora", "hybrid_cbsa",
-             "linear_noalign", "cbsa_lora_noalign")
+RUN_NAMES = ("cbsa", "contraction_free", "linear", "cbsa_noalign", "linear_noalign", "cbsa_lora",
+             "cbsa_lora_noalign", "hybrid_cbsa")
 # (with alignment, without): the same run but for the alignment stage, whose steps go to fine-tuning instead
 ALIGN_PAIRS = (("cbsa", "cbsa_noalign"), ("linear", "linear_noalign"), ("cbsa_lora", "cbsa_lora_noalign"))
 VARIANTS = ("cbsa", "contraction_free", "linear")
