@@ -13,7 +13,8 @@ B, H, D, PREFIX, GH, GW = 2, 3, 8, 2, 6, 4
 
 
 def _qkv(n):
-    return [torch.randn(B, H, n, D, dtype=torch.float64) for _ in range(3)]
+    """Strided views of one fused projection, as the adapters pass them."""
+    return list(torch.randn(B, n, 3, H, D, dtype=torch.float64).permute(2, 0, 3, 1, 4).unbind(0))
 
 
 def _pool_by_hand(t, prefix, h, w, rh, rw):
