@@ -11,6 +11,8 @@ training step, tracked by ``torch.distributed._tools.mem_tracker.MemTracker``).
 Exponents of time vs tokens are fitted (log-log least squares) on the square resolutions for whole
 models, and on one attention layer alone at N = 257..4097 (all sizes timed close together, so the
 fit is robust to the load drifting during a long run).
+With ``--compile``: graph breaks inside converted attention (``torch._dynamo.explain``), the
+compile speed-up of the converted model, and the converted/original ratio with both compiled.
 
     python benchmarks/speed.py                       # the CPU table quoted in the README (~30 min)
     python benchmarks/speed.py --quick               # smoke run, < 1 min (CI runs it)
@@ -198,9 +200,10 @@ def attention_scaling(name, args, device, dtype):
 
 
 def compile_check(name, args, device, dtype):
-    """No graph breaks inside converted attention; speed-up of torch.compile on the CBSA model."""
+    """No graph breaks inside converted attention; torch.compile speed-up of the CBSA model, and the
+    converted/original throughput ratio when both are compiled (all four timed side by side)."""
     models = build(name, parse_res(args.compile_res), ["cbsa"], args.representatives, device, dtype)
-    model = models["cbsa"].eval()
+    orig, model = models["original"].eval(), models["cbsa"].eval()
     h, w = parse_res(args.compile_res)
     x = torch.randn(args.batch, 3, h, w, device=device, dtype=dtype)
     attn = next(m for m in model.modules() if isinstance(m, vit2cbsa.adapters.ConvertedAttention))
@@ -208,11 +211,13 @@ def compile_check(name, args, device, dtype):
         model(x)  # records the grid
         tokens = model.patch_embed(x).shape[1] + model.num_prefix_tokens
         explanation = torch._dynamo.explain(attn)(torch.randn(args.batch, tokens, attn.spec.dim, device=device, dtype=dtype))
-    compiled = torch.compile(model)
+    compiled, orig_compiled = torch.compile(model), torch.compile(orig)
     t0 = time.perf_counter()
     with torch.inference_mode():
         compiled(x)
     compile_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        orig_compiled(x)
 
     def run(m):
         def fn():
@@ -221,10 +226,15 @@ def compile_check(name, args, device, dtype):
             sync(device)
         return fn
 
-    t = time_side_by_side({"eager": run(model), "compiled": run(compiled)}, repeats=args.repeats)
-    return {"model": name, "resolution": args.compile_res, "attention_graph_breaks": explanation.graph_break_count,
+    t = time_side_by_side({"eager": run(model), "compiled": run(compiled), "original_eager": run(orig),
+                           "original_compiled": run(orig_compiled)}, repeats=args.repeats)
+    return {"model": name, "resolution": args.compile_res, "batch": args.batch,
+            "attention_graph_breaks": explanation.graph_break_count,
             "compile_s": compile_s, "eager_s": t["eager"], "compiled_s": t["compiled"],
-            "compile_speedup": t["eager"] / t["compiled"]}
+            "compile_speedup": t["eager"] / t["compiled"],
+            "original_eager_s": t["original_eager"], "original_compiled_s": t["original_compiled"],
+            "infer_ratio_eager": t["original_eager"] / t["eager"],
+            "infer_ratio_both_compiled": t["original_compiled"] / t["compiled"]}
 
 
 def plot(rows, exps, path):
