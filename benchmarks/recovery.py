@@ -529,17 +529,19 @@ def compare_pair(a: List[dict], b: List[dict], teacher_sub: float) -> dict:
     faster = pa is not None and pb is not None and pa["step"] < pb["step"]
     # the whole curves compared step by step: how often the aligned run is ahead, and by how much on average
     bs = {p["step"]: p["accuracy"] for p in b}
-    diffs = [p["accuracy"] - bs[p["step"]] for p in a if p["step"] in bs and p["step"] > 0]
+    at_step = [(p["step"], 100 * (p["accuracy"] - bs[p["step"]])) for p in a if p["step"] in bs and p["step"] > 0]
+    diffs = [g for _, g in at_step]
+    gaps = [(st, round(g, 2)) for st, g in at_step]
     return dict(threshold=round(thr, 4), threshold_rule=how, teacher_eval_subset_accuracy=teacher_sub,
                 with_alignment=dict(step=pa and pa["step"], train_s=pa and pa["train_s"]),
                 without_alignment=dict(step=pb and pb["step"], train_s=pb and pb["train_s"]),
                 alignment_reaches_it_in_fewer_steps=faster, other_thresholds=table,
-                aligned_ahead_at_evals=f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
-                mean_gap_points=round(100 * sum(diffs) / max(1, len(diffs)), 2),
+                gap_points_by_step=gaps, aligned_ahead_at_evals=f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
+                mean_gap_points=round(sum(diffs) / max(1, len(diffs)), 2),
                 note="steps count alignment steps and fine-tuning steps alike (global steps); train_s is training "
                      "wall time to that evaluation, evaluations excluded; curves are evaluated every "
-                     "--eval-every steps, so step counts are resolved to that grid; mean_gap_points: mean of "
-                     "(with - without) over the evaluations after step 0")
+                     "--eval-every steps, so step counts are resolved to that grid; gap_points_by_step: (with - without) "
+                     "in points at each evaluation after step 0, mean_gap_points their mean")
 
 
 def alignment_comparison(runs: Dict[str, dict], teacher_sub: float) -> Dict[str, dict]:
@@ -682,8 +684,8 @@ def plot(result: dict, path: Path) -> None:
     runs = result["runs"]
     s = result["settings"]
     teacher_sub = next(iter(runs.values()))["eval_subset_original_accuracy"]
-    pairs = [(a, b) for a, b in ALIGN_PAIRS if a in runs and b in runs]
-    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(19 if pairs else 13, 4.8))
+    comparisons = result.get("alignment_comparison") or {}
+    fig, axes = plt.subplots(1, 3 if comparisons else 2, figsize=(19 if comparisons else 13, 4.8))
     ax = axes[0]
     styles = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
     markers = ["o", "s", "^", "v", "D", "x"]
@@ -699,32 +701,24 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     ax = axes[1]
-    colors = ["C0", "C1", "C2"]
-    for i, (with_name, without_name) in enumerate(ALIGN_PAIRS):
-        if with_name not in runs or without_name not in runs:
-            continue
-        for name, ls, lab in ((with_name, "-", "align + fine-tune"), (without_name, "--", "fine-tune only")):
+    colors = {with_name: f"C{i}" for i, (with_name, _) in enumerate(ALIGN_PAIRS)}
+    for with_name, ac in comparisons.items():
+        for name, ls, lab in ((with_name, "-", "align + fine-tune"), (ac["without_run"], "--", "fine-tune only")):
             r = runs[name]
             ax.plot([p["step"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], ls=ls,
-                    color=colors[i % 3], marker="o" if ls == "-" else "s", ms=3, label=f"{with_name}: {lab}")
-        ac = (result.get("alignment_comparison") or {}).get(with_name)
-        if ac:
-            ax.axhline(100 * ac["threshold"], color=colors[i % 3], ls=":", lw=0.8)
+                    color=colors[with_name], marker="o" if ls == "-" else "s", ms=3, label=f"{with_name}: {lab}")
+        ax.axhline(100 * ac["threshold"], color=colors[with_name], ls=":", lw=0.8)
     ax.axhline(100 * teacher_sub, color="k", ls="--", lw=1, label="teacher")
     ax.axvline(s["align_steps"], color="grey", ls=":", lw=1)
     ax.set(xlabel="training step (alignment + fine-tuning)",
            title="With vs without attention alignment (dotted: comparison thresholds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    if pairs:
+    if comparisons:
         ax = axes[2]
-        for i, (with_name, without_name) in enumerate(ALIGN_PAIRS):
-            if (with_name, without_name) not in pairs:
-                continue
-            other = {p["step"]: p["accuracy"] for p in runs[without_name]["curve"]}
-            pts = [(p["step"], 100 * (p["accuracy"] - other[p["step"]])) for p in runs[with_name]["curve"]
-                   if p["step"] in other and p["step"] > 0]
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, color=colors[i % 3], label=with_name)
+        for with_name, ac in comparisons.items():
+            pts = ac["gap_points_by_step"]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", ms=3, color=colors[with_name], label=with_name)
         ax.axhline(0, color="k", lw=1)
         ax.axvline(s["align_steps"], color="grey", ls=":", lw=1)
         ax.set(xlabel="training step", ylabel="with - without alignment (points)",
@@ -825,21 +819,20 @@ def main(argv=None) -> dict:
     if args.estimate:
         return estimate(args, data_dir, teacher, tsha, test, t_meas["seconds"], t_setup)
     settings = dict(smoke=args.smoke, align_steps=args.align_steps, finetune_steps=args.finetune_steps,
-                      batch_size=args.batch_size, representatives=str(args.representatives),
-                      hybrid_layers=args.hybrid_layers, lora_rank=args.lora_rank, lora_lr=args.lora_lr, distill_weight=args.distill_weight,
-                      temperature=FinetuneConfig.temperature, lr=args.lr, align_lr=args.align_lr, seed=args.seed,
-                      eval_every=args.eval_every, eval_subset=args.eval_subset, threads=args.threads,
-                      num_workers=args.num_workers, data=str(data_dir), work_dir=str(args.work_dir),
-                      torch=torch.__version__, cpu_count=os.cpu_count())
-    if args.reuse is not None:  # validated before any training
-        reused_runs(args.reuse, settings, tsha, args.runs)
+                    batch_size=args.batch_size, representatives=str(args.representatives),
+                    hybrid_layers=args.hybrid_layers, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+                    distill_weight=args.distill_weight, temperature=FinetuneConfig.temperature, lr=args.lr,
+                    align_lr=args.align_lr, seed=args.seed, eval_every=args.eval_every, eval_subset=args.eval_subset,
+                    threads=args.threads, num_workers=args.num_workers, data=str(data_dir),
+                    work_dir=str(args.work_dir), torch=torch.__version__, cpu_count=os.cpu_count())
+    # read and checked before any training, merged after it
+    old_runs = reused_runs(args.reuse, settings, tsha, args.runs) if args.reuse is not None else {}
     specs = run_specs(args)
     runs: Dict[str, dict] = {}
     init_cache: dict = {}
     for name in args.runs:
         runs[name] = do_run(name, specs[name], args, data_dir, teacher, tsha, test, init_cache)
     if args.reuse is not None:
-        old_runs = reused_runs(args.reuse, settings, tsha, list(runs))
         log(f"reusing runs {', '.join(old_runs) or '(none)'} from {args.reuse}")
         runs = {n: (runs.get(n) or old_runs[n]) for n in RUN_NAMES if n in runs or n in old_runs}
     teacher_sub = next(iter(runs.values()))["eval_subset_original_accuracy"] if runs else None

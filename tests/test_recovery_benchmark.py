@@ -33,6 +33,8 @@ def test_compare_pair_thresholds_and_gaps(recovery):
     assert c["with_alignment"]["step"] == 150 and c["without_alignment"]["step"] == 200
     assert c["alignment_reaches_it_in_fewer_steps"] is True
     # gaps at steps 50..200: +10, +5, +2.5, +0.9 points
+    assert [st for st, _ in c["gap_points_by_step"]] == [50, 100, 150, 200]
+    assert [g for _, g in c["gap_points_by_step"]] == pytest.approx([10, 5, 2.5, 0.9])
     assert c["aligned_ahead_at_evals"] == "4/4"
     assert c["mean_gap_points"] == pytest.approx((10 + 5 + 2.5 + 0.9) / 4, abs=0.01)
     drops = {t["drop_points"]: (t["with_alignment_step"], t["without_alignment_step"]) for t in c["other_thresholds"]}
