@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vit2cbsa.layout import TokenLayout, as_grid, pool_patches
+from vit2cbsa.layout import TokenLayout, as_grid, pool_patches, pool_patches_adjoint
 
 
 def _heads(b, n, h, d):
@@ -95,3 +95,15 @@ def test_cached_averaging_matrix_survives_inference_mode_then_training():
             expected[r0:r1, c0:c1] += 1.0 / ((r1 - r0) * (c1 - c0))
     torch.testing.assert_close(x.grad[0, 0, 1:, 0], expected.flatten())
     assert x.grad[0, 0, 0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("grid, reps", [((8, 12), (4, 3)), ((7, 5), (3, 2))])  # equal / unequal windows
+def test_pool_adjoint_is_the_transpose_of_pooling(grid, reps):
+    """<pool(X), G> = <X, pool^T(G)> for all X, G: the defining property of the adjoint."""
+    h, w = grid
+    x = _heads(2, h * w, 3, 4)
+    g = torch.randn(2, 3, reps[0] * reps[1], 4, dtype=torch.float64)
+    lhs = (pool_patches(x, 0, h, w, reps) * g).sum()
+    rhs = (x * pool_patches_adjoint(g, h, w, reps)).sum()
+    torch.testing.assert_close(lhs, rhs)
+    assert pool_patches_adjoint(g, h, w, reps).shape == x.shape

@@ -140,6 +140,21 @@ def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tu
     return _averaging_matrix(h, w, gh, gw, patches) @ patches
 
 
+def pool_patches_adjoint(grad: torch.Tensor, h: int, w: int, rep_grid: Tuple[int, int]) -> torch.Tensor:
+    """Adjoint of :func:`pool_patches` on the patches: ``(B, H, m, d)`` -> ``(B, H, h w, d)``.
+
+    Pooling is linear, ``P = M X``; this returns ``M^T G`` (the gradient of the patch tokens for
+    an upstream gradient ``G`` of the representatives), for hand-written backward passes.
+    """
+    b, nh, _, d = grad.shape
+    gh, gw = effective_grid(rep_grid, h, w)
+    if h % gh == 0 and w % gw == 0:
+        bh, bw = h // gh, w // gw
+        spread = (grad / (bh * bw)).view(b, nh, gh, 1, gw, 1, d).expand(b, nh, gh, bh, gw, bw, d)
+        return spread.reshape(b, nh, h * w, d)
+    return _averaging_matrix(h, w, gh, gw, grad).transpose(0, 1) @ grad
+
+
 _MATRICES: Dict[tuple, torch.Tensor] = {}
 
 

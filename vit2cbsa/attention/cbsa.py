@@ -27,28 +27,26 @@ representative queries ``P`` attend to the extracted representative keys ``K_r``
 representatives (the paper's ``softmax(R R^T) R`` with ``R`` split into its pretrained
 query, key and value views).
 
-Implementation: two paths compute the same equations. When autograd records a graph (training)
-and ``N > 4 m``, every step is a fused scaled-dot-product-attention call: ``A`` is never
-materialised (``K_r`` and ``V_r`` are two calls sharing the queries), and by default
-(``recompute=True``) the mixer is recomputed in backward, so training keeps only ``q, k, v`` for it
-and its peak memory stays at or below the original layer's. Otherwise (inference, small ``N``, or
-``broadcast="transpose"``, which needs ``A``) ``A`` (``m x N``) and ``B`` (``N x m``) are materialised:
-``A`` is reused for ``K_r`` and ``V_r``, and on these thin shapes plain matmuls beat fused kernels.
+Implementation (:mod:`vit2cbsa.attention.cbsa_explicit`): ``A`` (``m x N``) and ``B`` (``N x m``) are
+materialised and every step is a batched matmul (on these thin shapes plain matmuls beat fused
+attention kernels), with a hand-derived backward pass. In training at ``N > 4 m`` (by default,
+``recompute=True``) ``A`` and ``B`` are rebuilt in backward instead of kept, so the mixer keeps only
+``q, k, v`` and a few ``m x d`` tensors and its peak memory stays at or below the original layer's.
 Temperatures, ``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d``
-tensor is rescaled; the pooling matrix of unequal windows is a cached constant.
+tensor is rescaled; the pooling matrix of unequal windows is a cached constant. ``broadcast="transpose"``
+runs the same equations through autograd (:meth:`CBSAMixer.reference`), which the tests also use as the
+straightforward reference for the other broadcasts.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from torch.utils.checkpoint import checkpoint
-
 from ..layout import TokenLayout, effective_grid, pool_patches
+from .cbsa_explicit import ExplicitCBSA
 
 BROADCASTS = ("key", "query", "transpose")
 
@@ -66,10 +64,9 @@ class CBSAMixer(nn.Module):
 
     contraction: bool = True
     variant: str = "cbsa"
-    #: training with the fused path: keep only ``q, k, v`` for backward and recompute the mixer
-    #: there (activation checkpointing of this module alone, about 3% more time per training step
-    #: for ViT-S at 1024). Set ``False`` on a module to trade those few ``m x d`` tensors per layer
-    #: for the recomputation.
+    #: training at ``N > 4 m``: rebuild ``A`` and ``B`` in backward (two ``m x N x d`` matmuls per head)
+    #: instead of keeping them, so peak memory stays at the original layer's. Set ``False`` on a module
+    #: to keep them (``2 m N`` numbers per head and layer) and save that recomputation.
     recompute: bool = True
 
     def __init__(
@@ -107,53 +104,31 @@ class CBSAMixer(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         prefix, h, w = layout.split(q.shape[-2])
         m = effective_grid(self.rep_grid, h, w)
+        if self.broadcast == "transpose":
+            return self.reference(q, k, v, layout)
         stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
-        if self.broadcast == "transpose" or not stores_graph or q.shape[-2] <= 4 * m[0] * m[1]:
-            return self._explicit(q, k, v, pool_patches(q, prefix, h, w, self.rep_grid))
-        if self.recompute:
-            return checkpoint(self._fused, q, k, v, prefix, h, w, use_reentrant=False)
-        return self._fused(q, k, v, prefix, h, w)
+        recompute = self.recompute and stores_graph and q.shape[-2] > 4 * m[0] * m[1]
+        t = self.log_temperature.exp().to(q.dtype) * self.scale
+        gamma = self.gamma.to(q.dtype) if self.contraction else None
+        return ExplicitCBSA.apply(q, k, v, t[0], t[1], gamma, self.kappa.to(q.dtype), prefix, h, w,
+                                  self.rep_grid, self.broadcast == "key", recompute)
 
-    def _factors(self, dtype: torch.dtype):
-        temp = self.log_temperature.exp().to(dtype).view(2, 1, -1, 1, 1)
-        return temp, self.kappa.view(1, -1, 1, 1).to(dtype)
-
-    def _contract(self, c: torch.Tensor, queries: torch.Tensor, k_r: torch.Tensor,
-                  scale: Optional[float]) -> torch.Tensor:
-        """Step 3: ``V_r + gamma softmax(P K_r^T) V_r`` (``m x m``, among representatives).
-
-        ``scale``: the fused kernel's scale; ``None``: ``queries`` already carry it (plain matmuls)."""
-        if not self.contraction:
-            return c
-        gamma = self.gamma.view(1, -1, 1, 1).to(c.dtype)
-        if scale is not None:
-            return c + gamma * F.scaled_dot_product_attention(queries, k_r, c, scale=scale)
-        return c + gamma * (torch.softmax(queries @ k_r.transpose(-2, -1), dim=-1) @ c)
-
-    def _fused(self, q, k, v, prefix: int, h: int, w: int) -> torch.Tensor:
-        """Every step a fused kernel: ``A`` (``m x N``) is never stored."""
-        p = pool_patches(q, prefix, h, w, self.rep_grid)  # B H m d
-        s = self.scale
-        temp, kappa = self._factors(q.dtype)
-        p_query = p * temp[0]  # representatives as queries of extraction and contraction
-        v_r = F.scaled_dot_product_attention(p_query, k, v, scale=s)
-        need_keys = self.broadcast == "key" or self.contraction
-        k_r = F.scaled_dot_product_attention(p_query, k, k, scale=s) if need_keys else None
-        c = self._contract(v_r, p_query, k_r, s) * kappa  # the broadcast is linear in c: scale m x d, not N x d
-        keys = (k_r if self.broadcast == "key" else p) * temp[1]
-        return F.scaled_dot_product_attention(q, keys, c, scale=s)
-
-    def _explicit(self, q, k, v, p) -> torch.Tensor:
-        """Same equations with ``A`` (``m x N``) and ``B`` (``N x m``) materialised: fewer, faster kernel
-        calls than fused attention on these thin shapes; for inference and small N."""
-        temp, kappa = self._factors(q.dtype)
-        p_scaled = p * (temp[0] * self.scale)
+    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The same equations written plainly and differentiated by autograd (any broadcast)."""
+        prefix, h, w = layout.split(q.shape[-2])
+        p = pool_patches(q, prefix, h, w, self.rep_grid)
+        temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1) * self.scale
+        kappa = self.kappa.view(1, -1, 1, 1).to(q.dtype)
+        p_scaled = p * temp[0]
         a = torch.softmax(p_scaled @ k.transpose(-2, -1), dim=-1)  # B H m N
-        v_r = a @ v
+        c = v_r = a @ v
         k_r = a @ k if self.broadcast == "key" or self.contraction else None
-        c = self._contract(v_r, p_scaled, k_r, None) * kappa
+        if self.contraction:
+            gamma = self.gamma.view(1, -1, 1, 1).to(q.dtype)
+            c = v_r + gamma * (torch.softmax(p_scaled @ k_r.transpose(-2, -1), dim=-1) @ v_r)
+        c = c * kappa
         if self.broadcast == "transpose":
             at = a.transpose(-2, -1)  # B H N m
             return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
-        keys = (k_r if self.broadcast == "key" else p) * (temp[1] * self.scale)
-        return torch.softmax(q @ keys.transpose(-2, -1), dim=-1) @ c  # B (N x m) is small without a graph
+        keys = (k_r if self.broadcast == "key" else p) * temp[1]
+        return torch.softmax(q @ keys.transpose(-2, -1), dim=-1) @ c

@@ -1,0 +1,128 @@
+"""CBSA with ``A`` and ``B`` materialised and a hand-derived backward pass (inference and small N).
+
+Forward, per head (``t0 = s e^a``, ``t1 = s e^b``: scale times temperatures; ``q`` is ``N x d``)::
+
+    P  = pool(q[t:])            Pe = t0 P                                   m x d
+    A  = softmax(Pe k^T)        Kr = A k,  Vr = A v                         m x N,  m x d
+    G  = softmax(Pe Kr^T)       Cc = Vr + gamma G Vr    (Cc = Vr without contraction)
+    C  = kappa Cc               Kb = Kr (broadcast="key") or P ("query"),   Ks = t1 Kb
+    Bm = softmax(q Ks^T)        out = Bm C                                  N x m,  N x d
+
+Backward, for the upstream gradient ``dO`` (``softmax'(S, dS) = S * (dS - rowsum(dS * S))``)::
+
+    dC  = Bm^T dO               dBm = dO C^T          dSb = softmax'(Bm, dBm)
+    dq  = dSb Ks                dKs = dSb^T q         dt1 = <dKs, Kb>     dKb = t1 dKs
+    dkappa = <dC, Cc>           dCc = kappa dC
+    contraction:  dgamma = <G^T dCc, Vr>              dVr = dCc + gamma G^T dCc
+                  dSg = softmax'(G, gamma dCc Vr^T)   dPe = dSg Kr        dKr = dSg^T Pe
+    dKr += dKb (key)            dA  = dVr v^T + dKr k^T
+    dv  = A^T dVr               dk  = A^T dKr + dSa^T Pe,   dSa = softmax'(A, dA)
+    dPe += dSa k                dt0 = <dPe, P>        dP = t0 dPe (+ dKb for "query")
+    dq[t:] += pool^T(dP)
+
+(``<X, Y>`` sums the elementwise product per head.) Autograd through the same forward records
+about twice as many nodes (broadcast parameter products, expands of the pooling matrix,
+reshape copies of strided heads, each with its own backward); at ``N`` of a few hundred the mixer
+is dominated by that overhead, not by FLOPs. All matmuls run on ``(B H) x rows x cols`` tensors:
+heads that cannot be flattened to one batch dimension (batch > 1 of strided views) are copied
+once here instead of once per matmul.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..layout import pool_patches, pool_patches_adjoint
+
+
+def _softmax_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch._softmax_backward_data(grad, out, -1, out.dtype)
+
+
+class ExplicitCBSA(torch.autograd.Function):
+    """``out = CBSA(q, k, v)`` (``B x H x N x d``) with the equations of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix: int, h: int, w: int,
+                rep_grid: Tuple[int, int], key_broadcast: bool, recompute: bool):
+        b, nh, n, d = q.shape
+        q, k, v = (x.reshape(b * nh, n, d) for x in (q, k, v))
+
+        def per_head(x):
+            return None if x is None else x.repeat(b).view(b * nh, 1, 1)
+
+        T0, T1, GAM, KAP = per_head(t0), per_head(t1), per_head(gamma), per_head(kappa)
+        p = pool_patches(q.unsqueeze(0), prefix, h, w, rep_grid).squeeze(0)
+        pe = p * T0
+        a = torch.softmax(torch.bmm(pe, k.transpose(1, 2)), dim=-1)
+        vr = torch.bmm(a, v)
+        kr = torch.bmm(a, k) if key_broadcast or gamma is not None else None
+        g = None
+        cc = vr
+        if gamma is not None:
+            g = torch.softmax(torch.bmm(pe, kr.transpose(1, 2)), dim=-1)
+            cc = torch.baddbmm(vr, g * GAM, vr)
+        c = cc * KAP
+        kb = kr if key_broadcast else p
+        ks = kb * T1
+        bm = torch.softmax(torch.bmm(q, ks.transpose(1, 2)), dim=-1)
+        out = torch.bmm(bm, c)
+        if recompute:  # A and B are rebuilt in backward: nothing of size N is kept but q, k, v
+            a = bm = None
+        ctx.save_for_backward(q, k, v, p, pe, a, vr, kr, g, cc, c, ks, bm, T0, T1, GAM, KAP)
+        ctx.geometry = (b, nh, prefix, h, w, rep_grid, key_broadcast)
+        return out.view(b, nh, n, d)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, p, pe, a, vr, kr, g, cc, c, ks, bm, T0, T1, GAM, KAP = ctx.saved_tensors
+        b, nh, prefix, h, w, rep_grid, key_broadcast = ctx.geometry
+        n, d = q.shape[-2:]
+        kb = kr if key_broadcast else p
+        if a is None:
+            a = torch.softmax(torch.bmm(pe, k.transpose(1, 2)), dim=-1)
+            bm = torch.softmax(torch.bmm(q, ks.transpose(1, 2)), dim=-1)
+
+        def head_sum(x):  # (B H) x rows x cols -> per-head total, H
+            return x.sum(dim=(1, 2)).view(b, nh).sum(0)
+
+        dout = grad_out.reshape(b * nh, n, d)
+        dc = torch.bmm(bm.transpose(1, 2), dout)
+        dsb = _softmax_grad(torch.bmm(dout, c.transpose(1, 2)), bm)
+        dq = torch.bmm(dsb, ks)
+        dks = torch.bmm(dsb.transpose(1, 2), q)
+        dt1 = head_sum(dks * kb)
+        dkb = dks * T1
+        dkappa = head_sum(dc * cc)
+        dcc = dc * KAP
+        dvr, dkr, dpe, dgamma = dcc, None, None, None
+        if g is not None:
+            gtd = torch.bmm(g.transpose(1, 2), dcc)
+            dgamma = head_sum(gtd * vr)
+            dvr = torch.addcmul(dcc, gtd, GAM)
+            dsg = _softmax_grad(torch.bmm(dcc * GAM, vr.transpose(1, 2)), g)
+            dpe = torch.bmm(dsg, kr)
+            dkr = torch.bmm(dsg.transpose(1, 2), pe)
+        if key_broadcast:
+            dkr = dkb if dkr is None else dkr + dkb
+        da = torch.bmm(dvr, v.transpose(1, 2))
+        if dkr is not None:
+            da = torch.baddbmm(da, dkr, k.transpose(1, 2))
+        dv = torch.bmm(a.transpose(1, 2), dvr)
+        dsa = _softmax_grad(da, a)
+        dk = torch.bmm(dsa.transpose(1, 2), pe)
+        if dkr is not None:
+            dk = torch.baddbmm(dk, a.transpose(1, 2), dkr)
+        dpe = torch.bmm(dsa, k) if dpe is None else torch.baddbmm(dpe, dsa, k)
+        dt0 = head_sum(dpe * p)
+        dp = dpe * T0
+        if not key_broadcast:
+            dp = dp + dkb
+        dq[:, prefix:] += pool_patches_adjoint(dp.unsqueeze(0), h, w, rep_grid).squeeze(0)
+        shape = (b, nh, n, d)
+        return (dq.view(shape), dk.view(shape), dv.view(shape), dt0, dt1, dgamma, dkappa,
+                None, None, None, None, None, None)
