@@ -54,7 +54,7 @@ class ConvertedAttention(nn.Module):
         raise NotImplementedError
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``B x N x (H d)`` -> ``B x H x N x d`` (a view; the fused kernels read strided heads)."""
+        """``B x N x (H d)`` -> ``B x H x N x d`` (a view; the mixers read strided heads)."""
         b, n, _ = t.shape
         return t.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 

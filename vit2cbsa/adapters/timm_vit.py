@@ -34,8 +34,7 @@ class TimmConvertedAttention(ConvertedAttention):
 
     def project(self, x: torch.Tensor):
         b, n, _ = x.shape
-        # views, no copies: the fused kernels read strided heads, and the broadcast's output then
-        # comes back token-major, so merging the heads afterwards is free
+        # views, no copies: the mixers read strided heads (matmuls take the row stride as it is)
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         return self.q_norm(q), self.k_norm(k), v

@@ -34,8 +34,8 @@ attention kernels), with a hand-derived backward pass. In training at ``N > 4 m`
 ``q, k, v`` and a few ``m x d`` tensors and its peak memory stays at or below the original layer's.
 Temperatures, ``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d``
 tensor is rescaled; the pooling matrix of unequal windows is a cached constant. ``broadcast="transpose"``
-runs the same equations through autograd (:meth:`CBSAMixer.reference`), which the tests also use as the
-straightforward reference for the other broadcasts.
+(which needs ``A`` itself in the broadcast) runs the same equations through autograd
+(:meth:`CBSAMixer.reference`).
 """
 
 from __future__ import annotations

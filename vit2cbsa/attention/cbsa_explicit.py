@@ -42,50 +42,53 @@ def _softmax_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch._softmax_backward_data(grad, out, -1, out.dtype)
 
 
+def _steps(q, k, v, T0, T1, GAM, KAP, prefix: int, h: int, w: int, rep_grid: Tuple[int, int],
+           key_broadcast: bool):
+    """Forward up to ``B`` (all ``(B H) x rows x cols``): ``P, Pe, A, Vr, Kr, G, Cc, C, Ks, Bm``."""
+    p = pool_patches(q.unsqueeze(0), prefix, h, w, rep_grid).squeeze(0)
+    pe = p * T0
+    a = torch.softmax(torch.bmm(pe, k.transpose(1, 2)), dim=-1)
+    vr = torch.bmm(a, v)
+    kr = torch.bmm(a, k) if key_broadcast or GAM is not None else None
+    g = None
+    cc = vr
+    if GAM is not None:
+        g = torch.softmax(torch.bmm(pe, kr.transpose(1, 2)), dim=-1)
+        cc = torch.baddbmm(vr, g * GAM, vr)
+    c = cc * KAP
+    ks = (kr if key_broadcast else p) * T1
+    bm = torch.softmax(torch.bmm(q, ks.transpose(1, 2)), dim=-1)
+    return p, pe, a, vr, kr, g, cc, c, ks, bm
+
+
 class ExplicitCBSA(torch.autograd.Function):
-    """``out = CBSA(q, k, v)`` (``B x H x N x d``) with the equations of the module docstring."""
+    """``out = CBSA(q, k, v)`` (``B x H x N x d``) with the equations of the module docstring.
+
+    ``recompute=True`` keeps only ``q, k, v`` for backward (what the original attention keeps) and
+    reruns the forward steps there; ``False`` keeps ``A``, ``B`` and the ``m x d`` intermediates."""
 
     @staticmethod
     def forward(ctx, q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix: int, h: int, w: int,
                 rep_grid: Tuple[int, int], key_broadcast: bool, recompute: bool):
         b, nh, n, d = q.shape
         q, k, v = (x.reshape(b * nh, n, d) for x in (q, k, v))
-
-        def per_head(x):
-            return None if x is None else x.repeat(b).view(b * nh, 1, 1)
-
-        T0, T1, GAM, KAP = per_head(t0), per_head(t1), per_head(gamma), per_head(kappa)
-        p = pool_patches(q.unsqueeze(0), prefix, h, w, rep_grid).squeeze(0)
-        pe = p * T0
-        a = torch.softmax(torch.bmm(pe, k.transpose(1, 2)), dim=-1)
-        vr = torch.bmm(a, v)
-        kr = torch.bmm(a, k) if key_broadcast or gamma is not None else None
-        g = None
-        cc = vr
-        if gamma is not None:
-            g = torch.softmax(torch.bmm(pe, kr.transpose(1, 2)), dim=-1)
-            cc = torch.baddbmm(vr, g * GAM, vr)
-        c = cc * KAP
-        kb = kr if key_broadcast else p
-        ks = kb * T1
-        bm = torch.softmax(torch.bmm(q, ks.transpose(1, 2)), dim=-1)
-        out = torch.bmm(bm, c)
-        if recompute:  # A and B are rebuilt in backward: nothing of size N is kept but q, k, v
-            a = bm = None
-        ctx.save_for_backward(q, k, v, p, pe, a, vr, kr, g, cc, c, ks, bm, T0, T1, GAM, KAP)
         ctx.geometry = (b, nh, prefix, h, w, rep_grid, key_broadcast)
-        return out.view(b, nh, n, d)
+        per_head = [None if x is None else x.repeat(b).view(b * nh, 1, 1) for x in (t0, t1, gamma, kappa)]
+        steps = _steps(q, k, v, *per_head, prefix, h, w, rep_grid, key_broadcast)
+        c, bm = steps[7], steps[9]
+        ctx.save_for_backward(q, k, v, *per_head, *(() if recompute else steps))
+        return torch.bmm(bm, c).view(b, nh, n, d)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, p, pe, a, vr, kr, g, cc, c, ks, bm, T0, T1, GAM, KAP = ctx.saved_tensors
+        q, k, v, T0, T1, GAM, KAP, *steps = ctx.saved_tensors
         b, nh, prefix, h, w, rep_grid, key_broadcast = ctx.geometry
         n, d = q.shape[-2:]
+        if not steps:
+            steps = _steps(q, k, v, T0, T1, GAM, KAP, prefix, h, w, rep_grid, key_broadcast)
+        p, pe, a, vr, kr, g, cc, c, ks, bm = steps
         kb = kr if key_broadcast else p
-        if a is None:
-            a = torch.softmax(torch.bmm(pe, k.transpose(1, 2)), dim=-1)
-            bm = torch.softmax(torch.bmm(q, ks.transpose(1, 2)), dim=-1)
 
         def head_sum(x):  # (B H) x rows x cols -> per-head total, H
             return x.sum(dim=(1, 2)).view(b, nh).sum(0)
