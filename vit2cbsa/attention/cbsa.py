@@ -27,15 +27,15 @@ representative queries ``P`` attend to the extracted representative keys ``K_r``
 representatives (the paper's ``softmax(R R^T) R`` with ``R`` split into its pretrained
 query, key and value views).
 
-Implementation (:mod:`vit2cbsa.attention.cbsa_explicit`): ``A`` (``m x N``) and ``B`` (``N x m``) are
+Implementation: ``A`` (``m x N``) and ``B`` (``N x m``) are
 materialised and every step is a batched matmul (on these thin shapes plain matmuls beat fused
-attention kernels), with a hand-derived backward pass. In training at ``N > 4 m`` (by default,
-``recompute=True``) ``A`` and ``B`` are rebuilt in backward instead of kept, so the mixer keeps only
-``q, k, v`` and a few ``m x d`` tensors and its peak memory stays at or below the original layer's.
+attention kernels). Inference runs them as written (:meth:`CBSAMixer.plain`); training runs them
+with a hand-derived backward pass (:mod:`vit2cbsa.attention.cbsa_explicit`). In training at ``N > 4 m`` (by default,
+``recompute=True``) the forward steps are rerun in backward instead of kept, so the mixer keeps only
+``q, k, v`` (what the original layer keeps too) and peak memory stays at or below the original's.
 Temperatures, ``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d``
 tensor is rescaled; the pooling matrix of unequal windows is a cached constant. ``broadcast="transpose"``
-(which needs ``A`` itself in the broadcast) runs the same equations through autograd
-(:meth:`CBSAMixer.reference`).
+(which needs ``A`` itself in the broadcast) trains through autograd on :meth:`CBSAMixer.plain`.
 """
 
 from __future__ import annotations
@@ -64,9 +64,9 @@ class CBSAMixer(nn.Module):
 
     contraction: bool = True
     variant: str = "cbsa"
-    #: training at ``N > 4 m``: rebuild ``A`` and ``B`` in backward (two ``m x N x d`` matmuls per head)
-    #: instead of keeping them, so peak memory stays at the original layer's. Set ``False`` on a module
-    #: to keep them (``2 m N`` numbers per head and layer) and save that recomputation.
+    #: training at ``N > 4 m``: keep only ``q, k, v`` and rerun the forward steps in backward (four
+    #: ``m x N x d`` matmuls per head), so peak memory stays at the original layer's. Set ``False`` on a
+    #: module to keep ``A``, ``B`` (``2 m N`` numbers per head) and the ``m x d`` steps instead.
     recompute: bool = True
 
     def __init__(
@@ -104,17 +104,19 @@ class CBSAMixer(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         prefix, h, w = layout.split(q.shape[-2])
         m = effective_grid(self.rep_grid, h, w)
-        if self.broadcast == "transpose":
-            return self.reference(q, k, v, layout)
         stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
-        recompute = self.recompute and stores_graph and q.shape[-2] > 4 * m[0] * m[1]
+        if self.broadcast == "transpose" or not stores_graph:
+            return self.plain(q, k, v, layout)
+        recompute = self.recompute and q.shape[-2] > 4 * m[0] * m[1]
         t = self.log_temperature.exp().to(q.dtype) * self.scale
         gamma = self.gamma.to(q.dtype) if self.contraction else None
         return ExplicitCBSA.apply(q, k, v, t[0], t[1], gamma, self.kappa.to(q.dtype), prefix, h, w,
                                   self.rep_grid, self.broadcast == "key", recompute)
 
-    def reference(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """The same equations written plainly and differentiated by autograd (any broadcast)."""
+    def plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """The same equations written plainly, differentiable by autograd (any broadcast).
+
+        Used for inference (fewest kernel calls) and for ``broadcast="transpose"``."""
         prefix, h, w = layout.split(q.shape[-2])
         p = pool_patches(q, prefix, h, w, self.rep_grid)
         temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1) * self.scale
