@@ -88,6 +88,7 @@ class ExplicitCBSA(torch.autograd.Function):
         if not steps:
             steps = _steps(q, k, v, T0, T1, GAM, KAP, prefix, h, w, rep_grid, key_broadcast)
         p, pe, a, vr, kr, g, cc, c, ks, bm = steps
+        del steps  # below, each m x N temporary is dropped after its last use
         kb = kr if key_broadcast else p
 
         def head_sum(x):  # (B H) x rows x cols -> per-head total, H
@@ -96,8 +97,10 @@ class ExplicitCBSA(torch.autograd.Function):
         dout = grad_out.reshape(b * nh, n, d)
         dc = torch.bmm(bm.transpose(1, 2), dout)
         dsb = _softmax_grad(torch.bmm(dout, c.transpose(1, 2)), bm)
+        del bm
         dq = torch.bmm(dsb, ks)
         dks = torch.bmm(dsb.transpose(1, 2), q)
+        del dsb
         dt1 = head_sum(dks * kb)
         dkb = dks * T1
         dkappa = head_sum(dc * cc)
@@ -117,10 +120,13 @@ class ExplicitCBSA(torch.autograd.Function):
             da = torch.baddbmm(da, dkr, k.transpose(1, 2))
         dv = torch.bmm(a.transpose(1, 2), dvr)
         dsa = _softmax_grad(da, a)
+        del da
         dk = torch.bmm(dsa.transpose(1, 2), pe)
         if dkr is not None:
             dk = torch.baddbmm(dk, a.transpose(1, 2), dkr)
+        del a
         dpe = torch.bmm(dsa, k) if dpe is None else torch.baddbmm(dpe, dsa, k)
+        del dsa
         dt0 = head_sum(dpe * p)
         dp = dpe * T0
         if not key_broadcast:
