@@ -217,3 +217,27 @@ def test_recompute_keeps_only_q_k_v():
     _, kept_without = _saved_bytes(lambda: mixer(q, k, v, layout))
     assert 3 * q.nbytes <= kept <= 3 * q.nbytes + 8 * B * H * 8  # q, k, v and a few numbers per head
     assert kept_without >= kept + 2 * B * H * m * n * 8 + 5 * per_matrix  # + A, B and m x d tensors
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_training_under_bf16_autocast_matches_float32(recompute):
+    """Mixed precision: the qkv projection runs in bf16 under autocast; the mixer follows q's dtype."""
+    torch.manual_seed(7)
+    proj = torch.nn.Linear(16, 3 * 16)
+    mixer = CBSAMixer(2, 8, (2, 2))
+    mixer.recompute = recompute
+    x = torch.randn(2, 1 + 4 * 4, 16)
+    layout = TokenLayout((4, 4))
+    grads = []
+    for autocast in (False, True):
+        proj.zero_grad()
+        mixer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            q, k, v = proj(x).view(2, 17, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            out = mixer(q, k, v, layout)
+        assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append(torch.cat([proj.weight.grad.flatten(), mixer.kappa.grad, mixer.gamma.grad,
+                                mixer.log_temperature.grad.flatten()]))
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert torch.isfinite(grads[1]).all() and cos > 0.99

@@ -30,12 +30,19 @@ once here instead of once per matmul.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..layout import pool_patches, pool_patches_adjoint
+
+
+def _without_autocast(device_type: str):
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _softmax_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -74,10 +81,12 @@ class ExplicitCBSA(torch.autograd.Function):
         q, k, v = (x.reshape(b * nh, n, d) for x in (q, k, v))
         ctx.geometry = (b, nh, prefix, h, w, rep_grid, key_broadcast)
         per_head = [None if x is None else x.repeat(b).view(b * nh, 1, 1) for x in (t0, t1, gamma, kappa)]
-        steps = _steps(q, k, v, *per_head, prefix, h, w, rep_grid, key_broadcast)
-        c, bm = steps[7], steps[9]
+        # in q's dtype throughout, as the backward (which runs outside autocast) recomputes them
+        with _without_autocast(q.device.type):
+            steps = _steps(q, k, v, *per_head, prefix, h, w, rep_grid, key_broadcast)
+            out = torch.bmm(steps[9], steps[7])  # B C
         ctx.save_for_backward(q, k, v, *per_head, *(() if recompute else steps))
-        return torch.bmm(bm, c).view(b, nh, n, d)
+        return out.view(b, nh, n, d)
 
     @staticmethod
     @once_differentiable
