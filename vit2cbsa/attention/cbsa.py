@@ -29,13 +29,13 @@ query, key and value views).
 
 Implementation: ``A`` (``m x N``) and ``B`` (``N x m``) are
 materialised and every step is a batched matmul (on these thin shapes plain matmuls beat fused
-attention kernels). Inference runs them as written (:meth:`CBSAMixer.plain`); training runs them
-with a hand-derived backward pass (:mod:`vit2cbsa.attention.cbsa_explicit`). In training (by default,
+attention kernels), all in :mod:`vit2cbsa.attention.cbsa_explicit`: inference runs the forward steps as
+written; training adds a hand-derived backward pass. In training (by default,
 ``recompute=True``) the forward steps are rerun in backward instead of kept, so the mixer keeps only
 ``q, k, v`` (what the original layer keeps too) and peak memory stays at or below the original's.
 Temperatures, ``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d``
 tensor is rescaled; the pooling matrix of unequal windows is a cached constant. ``broadcast="transpose"``
-(which needs ``A`` itself in the broadcast) trains through autograd on :meth:`CBSAMixer.plain`.
+(which needs ``A`` itself in the broadcast) trains through autograd on the same forward steps.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenLayout, pool_patches
-from .cbsa_explicit import ExplicitCBSA
+from .cbsa_explicit import ExplicitCBSA, flat_heads, forward_steps
 
 BROADCASTS = ("key", "query", "transpose")
 
@@ -104,32 +104,16 @@ class CBSAMixer(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         prefix, h, w = layout.split(q.shape[-2])
-        stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
-        if self.broadcast == "transpose" or not stores_graph:
-            return self.plain(q, k, v, layout)
+        q, k, v = flat_heads(q), flat_heads(k), flat_heads(v)
         t = self.log_temperature.exp().to(q.dtype) * self.scale
         gamma = self.gamma.to(q.dtype) if self.contraction else None
-        return ExplicitCBSA.apply(q, k, v, t[0], t[1], gamma, self.kappa.to(q.dtype), prefix, h, w,
-                                  self.rep_grid, self.broadcast == "key", self.recompute)
-
-    def plain(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """The same equations written plainly, differentiable by autograd (any broadcast).
-
-        Used for inference (fewest kernel calls) and for ``broadcast="transpose"``."""
-        prefix, h, w = layout.split(q.shape[-2])
-        p = pool_patches(q, prefix, h, w, self.rep_grid)
-        temp = self.log_temperature.exp().to(q.dtype).view(2, 1, -1, 1, 1) * self.scale
-        kappa = self.kappa.view(1, -1, 1, 1).to(q.dtype)
-        p_scaled = p * temp[0]
-        a = torch.softmax(p_scaled @ k.transpose(-2, -1), dim=-1)  # B H m N
-        c = v_r = a @ v
-        k_r = a @ k if self.broadcast == "key" or self.contraction else None
-        if self.contraction:
-            gamma = self.gamma.view(1, -1, 1, 1).to(q.dtype)
-            c = v_r + gamma * (torch.softmax(p_scaled @ k_r.transpose(-2, -1), dim=-1) @ v_r)
-        c = c * kappa
-        if self.broadcast == "transpose":
-            at = a.transpose(-2, -1)  # B H N m
-            return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
-        keys = (k_r if self.broadcast == "key" else p) * temp[1]
-        return torch.softmax(q @ keys.transpose(-2, -1), dim=-1) @ c
+        args = (t[0], t[1], gamma, self.kappa.to(q.dtype), prefix, h, w, self.rep_grid, self.broadcast)
+        stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
+        if stores_graph and self.broadcast != "transpose":
+            return ExplicitCBSA.apply(q, k, v, *args, self.recompute)
+        # inference, or the transpose broadcast (which needs A itself) through autograd
+        _, _, a, _, _, _, _, c, _, bm = forward_steps(q, k, v, *args)
+        if bm is not None:
+            return bm @ c
+        at = a.transpose(-2, -1)  # B H N m
+        return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)

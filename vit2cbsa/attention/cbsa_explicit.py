@@ -1,4 +1,4 @@
-"""CBSA with ``A`` and ``B`` materialised and a hand-derived backward pass (inference and small N).
+"""CBSA with ``A`` and ``B`` materialised: the forward steps, and a hand-derived backward pass.
 
 Forward, per head (``t0 = s e^a``, ``t1 = s e^b``: scale times temperatures; ``q`` is ``N x d``)::
 
@@ -7,6 +7,7 @@ Forward, per head (``t0 = s e^a``, ``t1 = s e^b``: scale times temperatures; ``q
     G  = softmax(Pe Kr^T)       Cc = Vr + gamma G Vr    (Cc = Vr without contraction)
     C  = kappa Cc               Kb = Kr (broadcast="key") or P ("query"),   Ks = t1 Kb
     Bm = softmax(q Ks^T)        out = Bm C                                  N x m,  N x d
+                                out = (A^T C) / (A^T 1)  for broadcast="transpose" (no Ks, Bm)
 
 Backward, for the upstream gradient ``dO`` (``softmax'(S, dS) = S * (dS - rowsum(dS * S))``)::
 
@@ -21,11 +22,11 @@ Backward, for the upstream gradient ``dO`` (``softmax'(S, dS) = S * (dS - rowsum
     dq[t:] += pool^T(dP)
 
 (``<X, Y>`` sums the elementwise product per head.) Autograd through the same forward records
-about twice as many nodes (broadcast parameter products, expands of the pooling matrix,
-reshape copies of strided heads, each with its own backward); at ``N`` of a few hundred the mixer
-is dominated by that overhead, not by FLOPs. All matmuls run on ``(B H) x rows x cols`` tensors:
-heads that cannot be flattened to one batch dimension (batch > 1 of strided views) are copied
-once here instead of once per matmul.
+about twice as many nodes (broadcast parameter products, expands of the pooling matrix, each with
+its own backward); at ``N`` of a few hundred the mixer is dominated by that overhead, not by FLOPs.
+All tensors are ``B x H x rows x cols`` whose ``(B, H)`` dimensions flatten to one batch dimension
+(:func:`flat_heads`), so every matmul is one batched GEMM without copies: strided heads of a batch
+larger than one are copied once, not once per matmul.
 """
 
 from __future__ import annotations
@@ -39,6 +40,39 @@ from torch.autograd.function import once_differentiable
 from ..layout import pool_patches, pool_patches_adjoint
 
 
+def flat_heads(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``B x H x N x d``) with ``(B, H)`` flattenable to one batch dimension: a view when it already
+    is (batch 1, or contiguous heads), else one copy."""
+    b, nh, n, d = x.shape
+    return x.reshape(b * nh, n, d).view(b, nh, n, d)
+
+
+def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix: int, h: int, w: int,
+                  rep_grid: Tuple[int, int], broadcast: str):
+    """``P, Pe, A, Vr, Kr, G, Cc, C, Ks, Bm`` of the module docstring (``B x H x rows x cols``).
+
+    ``t0, t1, gamma, kappa`` hold one number per head (``gamma=None``: no contraction); ``Kr`` is
+    ``None`` when neither the contraction nor the broadcast needs it, ``Ks, Bm`` for ``"transpose"``.
+    Differentiable by autograd; :class:`ExplicitCBSA` calls it without a graph."""
+    nh = q.shape[1]
+    T0, T1, KAP = (x.view(1, nh, 1, 1) for x in (t0, t1, kappa))
+    p = pool_patches(q, prefix, h, w, rep_grid)
+    pe = p * T0
+    a = torch.softmax(pe @ k.transpose(-2, -1), dim=-1)
+    vr = a @ v
+    kr = a @ k if broadcast == "key" or gamma is not None else None
+    g, cc = None, vr
+    if gamma is not None:
+        g = torch.softmax(pe @ kr.transpose(-2, -1), dim=-1)
+        cc = vr + gamma.view(1, nh, 1, 1) * (g @ vr)
+    c = cc * KAP
+    if broadcast == "transpose":
+        return p, pe, a, vr, kr, g, cc, c, None, None
+    ks = (kr if broadcast == "key" else p) * T1
+    bm = torch.softmax(q @ ks.transpose(-2, -1), dim=-1)
+    return p, pe, a, vr, kr, g, cc, c, ks, bm
+
+
 def _without_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -49,66 +83,50 @@ def _softmax_grad(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch._softmax_backward_data(grad, out, -1, out.dtype)
 
 
-def _steps(q, k, v, T0, T1, GAM, KAP, prefix: int, h: int, w: int, rep_grid: Tuple[int, int],
-           key_broadcast: bool):
-    """Forward up to ``B`` (all ``(B H) x rows x cols``): ``P, Pe, A, Vr, Kr, G, Cc, C, Ks, Bm``."""
-    p = pool_patches(q.unsqueeze(0), prefix, h, w, rep_grid).squeeze(0)
-    pe = p * T0
-    a = torch.softmax(torch.bmm(pe, k.transpose(1, 2)), dim=-1)
-    vr = torch.bmm(a, v)
-    kr = torch.bmm(a, k) if key_broadcast or GAM is not None else None
-    g = None
-    cc = vr
-    if GAM is not None:
-        g = torch.softmax(torch.bmm(pe, kr.transpose(1, 2)), dim=-1)
-        cc = torch.baddbmm(vr, g * GAM, vr)
-    c = cc * KAP
-    ks = (kr if key_broadcast else p) * T1
-    bm = torch.softmax(torch.bmm(q, ks.transpose(1, 2)), dim=-1)
-    return p, pe, a, vr, kr, g, cc, c, ks, bm
+def _plus_matmul(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``acc + x @ y`` as one batched GEMM (all ``B x H x rows x cols``, heads flattenable)."""
+    return torch.baddbmm(acc.flatten(0, 1), x.flatten(0, 1), y.flatten(0, 1)).view(acc.shape)
 
 
 class ExplicitCBSA(torch.autograd.Function):
-    """``out = CBSA(q, k, v)`` (``B x H x N x d``) with the equations of the module docstring.
+    """``out = CBSA(q, k, v)`` (``B x H x N x d``, heads from :func:`flat_heads`), key or query broadcast.
 
     ``recompute=True`` keeps only ``q, k, v`` for backward (what the original attention keeps) and
     reruns the forward steps there; ``False`` keeps ``A``, ``B`` and the ``m x d`` intermediates."""
 
     @staticmethod
     def forward(ctx, q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix: int, h: int, w: int,
-                rep_grid: Tuple[int, int], key_broadcast: bool, recompute: bool):
-        b, nh, n, d = q.shape
-        q, k, v = (x.reshape(b * nh, n, d) for x in (q, k, v))
-        ctx.geometry = (b, nh, prefix, h, w, rep_grid, key_broadcast)
-        per_head = [None if x is None else x.repeat(b).view(b * nh, 1, 1) for x in (t0, t1, gamma, kappa)]
+                rep_grid: Tuple[int, int], broadcast: str, recompute: bool):
+        ctx.geometry = (prefix, h, w, rep_grid, broadcast)
         # in q's dtype throughout, as the backward (which runs outside autocast) recomputes them
         with _without_autocast(q.device.type):
-            steps = _steps(q, k, v, *per_head, prefix, h, w, rep_grid, key_broadcast)
-            out = torch.bmm(steps[9], steps[7])  # B C
-        ctx.save_for_backward(q, k, v, *per_head, *(() if recompute else steps))
-        return out.view(b, nh, n, d)
+            steps = forward_steps(q, k, v, t0, t1, gamma, kappa, prefix, h, w, rep_grid, broadcast)
+            out = steps[9] @ steps[7]  # B C
+        ctx.save_for_backward(q, k, v, t0, t1, gamma, kappa, *(() if recompute else steps))
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, T0, T1, GAM, KAP, *steps = ctx.saved_tensors
-        b, nh, prefix, h, w, rep_grid, key_broadcast = ctx.geometry
-        n, d = q.shape[-2:]
+    def backward(ctx, dout):
+        q, k, v, t0, t1, gamma, kappa, *steps = ctx.saved_tensors
+        prefix, h, w, rep_grid, broadcast = ctx.geometry
         if not steps:
-            steps = _steps(q, k, v, T0, T1, GAM, KAP, prefix, h, w, rep_grid, key_broadcast)
+            steps = forward_steps(q, k, v, t0, t1, gamma, kappa, prefix, h, w, rep_grid, broadcast)
         p, pe, a, vr, kr, g, cc, c, ks, bm = steps
         del steps  # below, each m x N temporary is dropped after its last use
-        kb = kr if key_broadcast else p
+        nh = q.shape[1]
+        T0, T1, KAP = (x.view(1, nh, 1, 1) for x in (t0, t1, kappa))
+        kb = kr if broadcast == "key" else p
 
-        def head_sum(x):  # (B H) x rows x cols -> per-head total, H
-            return x.sum(dim=(1, 2)).view(b, nh).sum(0)
+        def head_sum(x):  # B x H x rows x cols -> per-head total, H
+            return x.sum(dim=(0, 2, 3))
 
-        dout = grad_out.reshape(b * nh, n, d)
-        dc = torch.bmm(bm.transpose(1, 2), dout)
-        dsb = _softmax_grad(torch.bmm(dout, c.transpose(1, 2)), bm)
+        dout = flat_heads(dout)
+        dc = bm.transpose(-2, -1) @ dout
+        dsb = _softmax_grad(dout @ c.transpose(-2, -1), bm)
         del bm
-        dq = torch.bmm(dsb, ks)
-        dks = torch.bmm(dsb.transpose(1, 2), q)
+        dq = dsb @ ks
+        dks = dsb.transpose(-2, -1) @ q
         del dsb
         dt1 = head_sum(dks * kb)
         dkb = dks * T1
@@ -116,31 +134,30 @@ class ExplicitCBSA(torch.autograd.Function):
         dcc = dc * KAP
         dvr, dkr, dpe, dgamma = dcc, None, None, None
         if g is not None:
-            gtd = torch.bmm(g.transpose(1, 2), dcc)
+            GAM = gamma.view(1, nh, 1, 1)
+            gtd = g.transpose(-2, -1) @ dcc
             dgamma = head_sum(gtd * vr)
             dvr = torch.addcmul(dcc, gtd, GAM)
-            dsg = _softmax_grad(torch.bmm(dcc * GAM, vr.transpose(1, 2)), g)
-            dpe = torch.bmm(dsg, kr)
-            dkr = torch.bmm(dsg.transpose(1, 2), pe)
-        if key_broadcast:
+            dsg = _softmax_grad((dcc * GAM) @ vr.transpose(-2, -1), g)
+            dpe = dsg @ kr
+            dkr = dsg.transpose(-2, -1) @ pe
+        if broadcast == "key":
             dkr = dkb if dkr is None else dkr + dkb
-        da = torch.bmm(dvr, v.transpose(1, 2))
+        da = dvr @ v.transpose(-2, -1)
         if dkr is not None:
-            da = torch.baddbmm(da, dkr, k.transpose(1, 2))
-        dv = torch.bmm(a.transpose(1, 2), dvr)
+            da = _plus_matmul(da, dkr, k.transpose(-2, -1))
+        dv = a.transpose(-2, -1) @ dvr
         dsa = _softmax_grad(da, a)
         del da
-        dk = torch.bmm(dsa.transpose(1, 2), pe)
+        dk = dsa.transpose(-2, -1) @ pe
         if dkr is not None:
-            dk = torch.baddbmm(dk, a.transpose(1, 2), dkr)
+            dk = _plus_matmul(dk, a.transpose(-2, -1), dkr)
         del a
-        dpe = torch.bmm(dsa, k) if dpe is None else torch.baddbmm(dpe, dsa, k)
+        dpe = dsa @ k if dpe is None else _plus_matmul(dpe, dsa, k)
         del dsa
         dt0 = head_sum(dpe * p)
         dp = dpe * T0
-        if not key_broadcast:
+        if broadcast != "key":
             dp = dp + dkb
-        dq[:, prefix:] += pool_patches_adjoint(dp.unsqueeze(0), h, w, rep_grid).squeeze(0)
-        shape = (b, nh, n, d)
-        return (dq.view(shape), dk.view(shape), dv.view(shape), dt0, dt1, dgamma, dkappa,
-                None, None, None, None, None, None)
+        dq[:, :, prefix:] += pool_patches_adjoint(dp, h, w, rep_grid)
+        return dq, dk, dv, dt0, dt1, dgamma, dkappa, None, None, None, None, None, None
