@@ -12,7 +12,8 @@ Exponents of time vs tokens are fitted (log-log least squares) on the square res
 models, and on one attention layer alone at N = 257..4097 (all sizes timed close together, so the
 fit is robust to the load drifting during a long run).
 With ``--compile``: graph breaks inside converted attention (``torch._dynamo.explain``), the
-compile speed-up of the converted model, and the converted/original ratio with both compiled.
+compile speed-up of the converted model, and the converted/original ratio with both compiled, for
+inference and (unless ``--no-train``) training steps.
 
     python benchmarks/speed.py                       # the CPU table quoted in the README (~30 min)
     python benchmarks/speed.py --quick               # smoke run, < 1 min (CI runs it)
@@ -84,6 +85,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def train_step(model, x, y, device, forward=None):
+    """One SGD training step of ``model`` as a closure, called through ``forward`` (e.g. its compiled form)."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    forward = model if forward is None else forward
+
+    def fn():
+        torch.nn.functional.cross_entropy(forward(x).float(), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+    return fn
+
+
 def bench_row(name, res, args, device, dtype):
     models = build(name, res, args.variants, args.representatives, device, dtype)
     h, w = res
@@ -107,21 +121,10 @@ def bench_row(name, res, args, device, dtype):
     t_train = {}
     mem = {}
     if not args.no_train and max(h, w) <= args.max_train_res:
-        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-6) for k, m in models.items()}
-
-        def train(k):
-            m, opt = models[k], opts[k]
-
-            def fn():
-                torch.nn.functional.cross_entropy(m(xb).float(), yb).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync(device)
-            return fn
-
         for m in models.values():
             m.train()
-        t_train = time_side_by_side({k: train(k) for k in models}, repeats=args.repeats)
+        t_train = time_side_by_side({k: train_step(m, xb, yb, device) for k, m in models.items()},
+                                    repeats=args.repeats)
         if not args.no_memory:
             mem = {k: peak_train_memory(m, xb, yb, device) for k, m in models.items()}
 
@@ -228,13 +231,28 @@ def compile_check(name, args, device, dtype):
 
     t = time_side_by_side({"eager": run(model), "compiled": run(compiled), "original_eager": run(orig),
                            "original_compiled": run(orig_compiled)}, repeats=args.repeats)
-    return {"model": name, "resolution": args.compile_res, "batch": args.batch,
-            "attention_graph_breaks": explanation.graph_break_count,
-            "compile_s": compile_s, "eager_s": t["eager"], "compiled_s": t["compiled"],
-            "compile_speedup": t["eager"] / t["compiled"],
-            "original_eager_s": t["original_eager"], "original_compiled_s": t["original_compiled"],
-            "infer_ratio_eager": t["original_eager"] / t["eager"],
-            "infer_ratio_both_compiled": t["original_compiled"] / t["compiled"]}
+    result = {"model": name, "resolution": args.compile_res, "batch": args.batch,
+              "attention_graph_breaks": explanation.graph_break_count,
+              "compile_s": compile_s, "eager_s": t["eager"], "compiled_s": t["compiled"],
+              "compile_speedup": t["eager"] / t["compiled"],
+              "original_eager_s": t["original_eager"], "original_compiled_s": t["original_compiled"],
+              "infer_ratio_eager": t["original_eager"] / t["eager"],
+              "infer_ratio_both_compiled": t["original_compiled"] / t["compiled"]}
+    if not args.no_train:  # training steps (the hand-written backward traced by torch.compile)
+        y = torch.randint(0, 1000, (args.batch,), device=device)
+        model.train(), orig.train()
+        steps = {"eager": train_step(model, x, y, device), "compiled": train_step(model, x, y, device, compiled),
+                 "original_eager": train_step(orig, x, y, device),
+                 "original_compiled": train_step(orig, x, y, device, orig_compiled)}
+        t0 = time.perf_counter()
+        steps["compiled"]()
+        result["train_compile_s"] = time.perf_counter() - t0
+        steps["original_compiled"]()
+        tt = time_side_by_side(steps, repeats=args.repeats)
+        result.update(train_compile_speedup=tt["eager"] / tt["compiled"],
+                      train_ratio_eager=tt["original_eager"] / tt["eager"],
+                      train_ratio_both_compiled=tt["original_compiled"] / tt["compiled"])
+    return result
 
 
 def plot(rows, exps, path):
