@@ -32,7 +32,8 @@ materialised and every step is a batched matmul (on these thin shapes plain matm
 attention kernels), all in :mod:`vit2cbsa.attention.cbsa_explicit`: inference runs the forward steps as
 written; training adds a hand-derived backward pass. In training (by default,
 ``recompute=True``) the forward steps are rerun in backward instead of kept, so the mixer keeps only
-``q, k, v`` (what the original layer keeps too) and peak memory stays at or below the original's.
+``q, k, v`` (what the original layer keeps too) and peak memory stays at or below the original's at
+high resolution (at ``N`` of a few hundred the backward's ``m x N`` temporaries add ~2%).
 Temperatures, ``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d``
 tensor is rescaled; the pooling matrix of unequal windows is a cached constant. ``broadcast="transpose"``
 (which needs ``A`` itself in the broadcast) trains through autograd on the same forward steps.
@@ -64,9 +65,9 @@ class CBSAMixer(nn.Module):
 
     contraction: bool = True
     variant: str = "cbsa"
-    #: training: keep only ``q, k, v`` and rerun the forward steps in backward (four ``m x N x d``
-    #: matmuls per head; no measurable cost at 224 or 1024), so peak memory stays at the original
-    #: layer's. Set ``False`` on a module to keep ``A``, ``B`` (``2 m N`` numbers per head) and the
+    #: training: keep only ``q, k, v`` and rerun the forward steps in backward (five of the ~20
+    #: ``m x N x d`` matmuls of a training step; no measurable cost at 224 or 1024), so peak memory
+    #: stays at the original layer's. Set ``False`` on a module to keep ``A``, ``B`` (``2 m N`` numbers per head) and the
     #: ``m x d`` steps instead.
     recompute: bool = True
 
@@ -110,8 +111,8 @@ class CBSAMixer(nn.Module):
         stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
         if stores_graph and self.broadcast != "transpose":
             return ExplicitCBSA.apply(flat_heads(q), flat_heads(k), flat_heads(v), *args, self.recompute)
-        # inference, or the transpose broadcast (which needs A itself) through autograd; strided heads
-        # as they come (measured faster for inference at batch 8 than flattening them first)
+        # inference (or any graph autograd records here: the transpose broadcast, which needs A itself);
+        # strided heads as they come (measured faster for inference at batch 8 than flattening them first)
         _, _, a, _, _, _, _, c, _, bm = forward_steps(q, k, v, *args)
         if bm is not None:
             return bm @ c
