@@ -188,9 +188,9 @@ def test_training_gradients_match_reference_with_and_without_recompute(cls, broa
 
 
 @pytest.mark.parametrize("grid", [(4, 4), (5, 3)])  # equal and unequal pooling windows
-@pytest.mark.parametrize("key_broadcast", [True, False])
+@pytest.mark.parametrize("broadcast", ["key", "query"])
 @pytest.mark.parametrize("contraction", [True, False])
-def test_hand_written_backward_passes_gradcheck(grid, key_broadcast, contraction):
+def test_hand_written_backward_passes_gradcheck(grid, broadcast, contraction):
     """Finite differences, independent of the derivation, for every input and both memory modes."""
     b, nh, d, prefix = 2, 2, 3, 1
     n = prefix + grid[0] * grid[1]
@@ -202,7 +202,7 @@ def test_hand_written_backward_passes_gradcheck(grid, key_broadcast, contraction
         def fn(fused, t0, t1, gamma, kappa):
             q, k, v = fused.permute(2, 0, 3, 1, 4).unbind(0)  # strided heads, as the adapters pass them
             return ExplicitCBSA.apply(q, k, v, t0, t1, gamma if contraction else None, kappa, prefix, *grid,
-                                      (2, 2), key_broadcast, recompute)
+                                      (2, 2), broadcast, recompute)
         assert torch.autograd.gradcheck(fn, (fused, t0, t1, gamma, kappa))
 
 
