@@ -240,7 +240,8 @@ def compile_check(name, args, device, dtype):
               "infer_ratio_both_compiled": t["original_compiled"] / t["compiled"]}
     if not args.no_train:  # training steps (the hand-written backward traced by torch.compile)
         y = torch.randint(0, 1000, (args.batch,), device=device)
-        model.train(), orig.train()
+        model.train()
+        orig.train()
         steps = {"eager": train_step(model, x, y, device), "compiled": train_step(model, x, y, device, compiled),
                  "original_eager": train_step(orig, x, y, device),
                  "original_compiled": train_step(orig, x, y, device, orig_compiled)}

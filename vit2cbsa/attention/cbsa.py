@@ -66,9 +66,9 @@ class CBSAMixer(nn.Module):
     contraction: bool = True
     variant: str = "cbsa"
     #: training: keep only ``q, k, v`` and rerun the forward steps in backward (five of the ~20
-    #: ``m x N x d`` matmuls of a training step; no measurable cost at 224 or 1024), so peak memory
-    #: stays at the original layer's. Set ``False`` on a module to keep ``A``, ``B`` (``2 m N`` numbers per head) and the
-    #: ``m x d`` steps instead.
+    #: ``m x N x d`` matmuls of a training step; no measurable cost at 224 or 1024), so at high
+    #: resolution peak memory stays at the original layer's. Set ``False`` on a module to keep ``A``,
+    #: ``B`` (``2 m N`` numbers per head) and the ``m x d`` steps instead.
     recompute: bool = True
 
     def __init__(

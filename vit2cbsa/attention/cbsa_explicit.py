@@ -21,10 +21,10 @@ Backward, for the upstream gradient ``dO`` (``softmax'(S, dS) = S * (dS - rowsum
     dPe += dSa k                dt0 = <dPe, P>        dP = t0 dPe (+ dKb for "query")
     dq[t:] += pool^T(dP)
 
-(``<X, Y>`` sums the elementwise product per head.) Autograd through the same forward records
-about twice as many nodes (broadcast parameter products, expands of the pooling matrix, each with
-its own backward); at ``N`` of a few hundred the mixer is dominated by that overhead, not by FLOPs.
-All tensors are ``B x H x rows x cols`` whose ``(B, H)`` dimensions flatten to one batch dimension
+(``<X, Y>`` sums the elementwise product per head.) Autograd through the same forward adds a node,
+and often an expand or a reduction, for every broadcast parameter product and pooling matmul; at ``N``
+of a few hundred the mixer's time is mostly such per-kernel overhead, not FLOPs. In training all tensors
+are ``B x H x rows x cols`` whose ``(B, H)`` dimensions flatten to one batch dimension
 (:func:`flat_heads`), so every matmul is one batched GEMM without copies: strided heads of a batch
 larger than one are copied once, not once per matmul.
 """
@@ -47,6 +47,11 @@ def flat_heads(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * nh, n, d).view(b, nh, n, d)
 
 
+def _per_head(x: torch.Tensor) -> torch.Tensor:
+    """``H`` numbers -> ``1 x H x 1 x 1``, to scale ``B x H x rows x cols`` tensors head by head."""
+    return x.view(1, -1, 1, 1)
+
+
 def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix: int, h: int, w: int,
                   rep_grid: Tuple[int, int], broadcast: str):
     """``P, Pe, A, Vr, Kr, G, Cc, C, Ks, Bm`` of the module docstring (``B x H x rows x cols``).
@@ -54,8 +59,7 @@ def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix:
     ``t0, t1, gamma, kappa`` hold one number per head (``gamma=None``: no contraction); ``Kr`` is
     ``None`` when neither the contraction nor the broadcast needs it, ``Ks, Bm`` for ``"transpose"``.
     Differentiable by autograd; :class:`ExplicitCBSA` calls it without a graph."""
-    nh = q.shape[1]
-    T0, T1, KAP = (x.view(1, nh, 1, 1) for x in (t0, t1, kappa))
+    T0, T1, KAP = _per_head(t0), _per_head(t1), _per_head(kappa)
     p = pool_patches(q, prefix, h, w, rep_grid)
     pe = p * T0
     a = torch.softmax(pe @ k.transpose(-2, -1), dim=-1)
@@ -64,7 +68,7 @@ def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix:
     g, cc = None, vr
     if gamma is not None:
         g = torch.softmax(pe @ kr.transpose(-2, -1), dim=-1)
-        cc = vr + gamma.view(1, nh, 1, 1) * (g @ vr)
+        cc = vr + _per_head(gamma) * (g @ vr)
     c = cc * KAP
     if broadcast == "transpose":
         return p, pe, a, vr, kr, g, cc, c, None, None
@@ -114,8 +118,7 @@ class ExplicitCBSA(torch.autograd.Function):
             steps = forward_steps(q, k, v, t0, t1, gamma, kappa, prefix, h, w, rep_grid, broadcast)
         p, pe, a, vr, kr, g, cc, c, ks, bm = steps
         del steps  # below, each m x N temporary is dropped after its last use
-        nh = q.shape[1]
-        T0, T1, KAP = (x.view(1, nh, 1, 1) for x in (t0, t1, kappa))
+        T0, T1, KAP = _per_head(t0), _per_head(t1), _per_head(kappa)
         kb = kr if broadcast == "key" else p
 
         def head_sum(x):  # B x H x rows x cols -> per-head total, H
@@ -134,7 +137,7 @@ class ExplicitCBSA(torch.autograd.Function):
         dcc = dc * KAP
         dvr, dkr, dpe, dgamma = dcc, None, None, None
         if g is not None:
-            GAM = gamma.view(1, nh, 1, 1)
+            GAM = _per_head(gamma)
             gtd = g.transpose(-2, -1) @ dcc
             dgamma = head_sum(gtd * vr)
             dvr = torch.addcmul(dcc, gtd, GAM)
