@@ -3,8 +3,9 @@
 For each model (timm, random weights: speed does not depend on training) and resolution, the
 original (timm's fused SDPA attention) and each converted variant are built once and then timed
 side by side in this process: alternately on the same input, after warm-up, median of
-``--repeats``. Reported per row: inference and training-step throughput (forward + backward +
-SGD step), their ratios to the original, FLOPs (``torch.utils.flop_counter``, batch 1), the
+``--repeats`` (after two untimed rounds). Reported per row: inference and training-step throughput
+(forward + backward + SGD step), their ratios to the original (ratio of the medians, and the quartiles
+of the per-round ratios as ``*_ratio_iqr``: how much the ratio moves with the machine's load), FLOPs (``torch.utils.flop_counter``, batch 1), the
 FLOP ratio original/converted (the ideal speed-up), the measured/ideal efficiency, and peak
 training memory (CUDA allocator peak on a GPU; on the CPU the peak of live tensors of one
 training step, tracked by ``torch.distributed._tools.mem_tracker.MemTracker``).
@@ -28,6 +29,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 import vit2cbsa
-from vit2cbsa.measure import count_flops, time_side_by_side
+from vit2cbsa.measure import count_flops, paired_ratio_quartiles, time_repeats, time_side_by_side
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -116,17 +118,24 @@ def bench_row(name, res, args, device, dtype):
 
     for m in models.values():
         m.eval()
-    t_inf = time_side_by_side({k: infer(m) for k, m in models.items()}, repeats=args.repeats)
+    s_inf = time_repeats({k: infer(m) for k, m in models.items()}, repeats=args.repeats, warmup=2)
 
-    t_train = {}
+    s_train = {}
     mem = {}
     if not args.no_train and max(h, w) <= args.max_train_res:
         for m in models.values():
             m.train()
-        t_train = time_side_by_side({k: train_step(m, xb, yb, device) for k, m in models.items()},
-                                    repeats=args.repeats)
+        s_train = time_repeats({k: train_step(m, xb, yb, device) for k, m in models.items()},
+                               repeats=args.repeats, warmup=2)
         if not args.no_memory:
             mem = {k: peak_train_memory(m, xb, yb, device) for k, m in models.items()}
+
+    t_inf = {k: statistics.median(ts) for k, ts in s_inf.items()}
+    t_train = {k: statistics.median(ts) for k, ts in s_train.items()}
+
+    def spread(samples, k):  # quartiles of the per-round ratios original/converted
+        q1, _, q3 = paired_ratio_quartiles(samples["original"], samples[k])
+        return [round(q1, 4), round(q3, 4)]
 
     rows = []
     for k in models:
@@ -134,12 +143,12 @@ def bench_row(name, res, args, device, dtype):
             "model": name, "resolution": f"{h}x{w}", "tokens": tokens, "variant": k, "batch": args.batch,
             "gflops": flops[k] / 1e9, "flop_ratio": flops["original"] / flops[k],
             "infer_s": t_inf[k], "infer_img_s": args.batch / t_inf[k],
-            "infer_ratio": t_inf["original"] / t_inf[k],
+            "infer_ratio": t_inf["original"] / t_inf[k], "infer_ratio_iqr": spread(s_inf, k),
         }
         row["infer_efficiency"] = row["infer_ratio"] / row["flop_ratio"]
         if t_train:
             row.update(train_s=t_train[k], train_img_s=args.batch / t_train[k],
-                       train_ratio=t_train["original"] / t_train[k])
+                       train_ratio=t_train["original"] / t_train[k], train_ratio_iqr=spread(s_train, k))
         if mem:
             row.update(peak_train_mem_mib=mem[k], mem_ratio=mem[k] / mem["original"])
         rows.append(row)

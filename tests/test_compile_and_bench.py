@@ -64,8 +64,24 @@ def test_speed_benchmark_quick_mode_runs(tmp_path):
     assert variants == {"original", "cbsa", "contraction_free", "linear"}
     for row in record["rows"]:
         assert row["infer_s"] > 0 and row["train_s"] > 0 and row["peak_train_mem_mib"] > 0
+        for key in ("infer_ratio_iqr", "train_ratio_iqr"):  # quartiles of the per-round ratios
+            assert len(row[key]) == 2 and 0 < row[key][0] <= row[key][1]
         if row["variant"] == "original":
             assert row["flop_ratio"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 0
     scaling = record["attention_scaling"][0]
     assert set(scaling["exponent"]) == variants and len(scaling["tokens"]) == 3
+
+
+def test_time_repeats_alternates_and_paired_ratio_quartiles():
+    from vit2cbsa.measure import paired_ratio_quartiles, time_repeats
+
+    calls = []
+    times = time_repeats({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+    # ratios 2, 1, 4, 0.5, 3 -> sorted 0.5 1 2 3 4; exclusive quartiles at positions 1.5 and 4.5 of 5
+    q1, median, q3 = paired_ratio_quartiles([2.0, 1.0, 4.0, 1.0, 3.0], [1.0, 1.0, 1.0, 2.0, 1.0])
+    assert (q1, median, q3) == (0.75, 2.0, 3.5)
+    assert paired_ratio_quartiles([3.0], [2.0]) == (1.5, 1.5, 1.5)
+    with pytest.raises(ValueError, match="same non-zero number of rounds"):
+        paired_ratio_quartiles([1.0, 2.0], [1.0])

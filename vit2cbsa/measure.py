@@ -9,7 +9,8 @@
   its GPU kernels. Without them the original model's attention counted as 0 FLOPs on the CPU.
 * Timing is side by side: the models run alternately on the same input in the same process,
   after warm-up, and the median of the repeats is reported, so the ratio is robust to the
-  machine's load drifting during the run.
+  machine's load drifting during the run; :func:`paired_ratio_quartiles` gives the spread of the
+  per-round ratios (each from two calls made back to back).
 * Fidelity: cosine similarity ``<f, g> / (|f| |g|)`` of features, averaged over images.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -58,18 +59,39 @@ def count_flops(fn: Callable[..., object], *inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def time_side_by_side(fns: Dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds per call of each function, calling them alternately ``repeats`` times."""
+def time_repeats(fns: Dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> Dict[str, List[float]]:
+    """Seconds of each call of each function, calling them alternately (``fns`` in order) ``repeats`` times
+    after ``warmup`` untimed rounds: entry ``i`` of every list comes from the same round."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: Dict[str, list] = {name: [] for name in fns}
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def time_side_by_side(fns: Dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
+    """Median seconds per call of each function, calling them alternately ``repeats`` times."""
+    return {name: statistics.median(ts) for name, ts in time_repeats(fns, repeats, warmup).items()}
+
+
+def paired_ratio_quartiles(reference: Sequence[float], other: Sequence[float]) -> Tuple[float, float, float]:
+    """Lower quartile, median and upper quartile of ``reference[i] / other[i]`` over rounds ``i``.
+
+    Each ratio compares two calls made back to back (:func:`time_repeats`), so the spread shows how much
+    a speed ratio moves with the machine's load. Quartiles as ``statistics.quantiles(n=4)`` (exclusive
+    method); with a single round all three are its ratio."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"need the same non-zero number of rounds, got {len(reference)} and {len(other)}")
+    ratios = [r / o for r, o in zip(reference, other)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    return q1, median, q3
 
 
 def feature_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
