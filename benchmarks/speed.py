@@ -2,10 +2,11 @@
 
 For each model (timm, random weights: speed does not depend on training) and resolution, the
 original (timm's fused SDPA attention) and each converted variant are built once and then timed
-side by side in this process: alternately on the same input, after warm-up, median of
-``--repeats`` (after two untimed rounds). Reported per row: inference and training-step throughput
-(forward + backward + SGD step), their ratios to the original (ratio of the medians, and the quartiles
-of the per-round ratios as ``*_ratio_iqr``: how much the ratio moves with the machine's load), FLOPs (``torch.utils.flop_counter``, batch 1), the
+side by side in this process: alternately on the same input, after two untimed rounds, median of
+``--repeats``. Reported per row: inference and training-step throughput (forward + backward + SGD
+step), their ratios to the original (ratio of the medians; ``*_ratio_rounds``: lower quartile, median
+and upper quartile of the per-round ratios, each from two calls made back to back, i.e. how much the
+ratio moves with the machine's load), FLOPs (``torch.utils.flop_counter``, batch 1), the
 FLOP ratio original/converted (the ideal speed-up), the measured/ideal efficiency, and peak
 training memory (CUDA allocator peak on a GPU; on the CPU the peak of live tensors of one
 training step, tracked by ``torch.distributed._tools.mem_tracker.MemTracker``).
@@ -133,9 +134,8 @@ def bench_row(name, res, args, device, dtype):
     t_inf = {k: statistics.median(ts) for k, ts in s_inf.items()}
     t_train = {k: statistics.median(ts) for k, ts in s_train.items()}
 
-    def spread(samples, k):  # quartiles of the per-round ratios original/converted
-        q1, _, q3 = paired_ratio_quartiles(samples["original"], samples[k])
-        return [round(q1, 4), round(q3, 4)]
+    def rounds(samples, k):  # lower quartile, median, upper quartile of the per-round ratios original/converted
+        return [round(r, 4) for r in paired_ratio_quartiles(samples["original"], samples[k])]
 
     rows = []
     for k in models:
@@ -143,12 +143,12 @@ def bench_row(name, res, args, device, dtype):
             "model": name, "resolution": f"{h}x{w}", "tokens": tokens, "variant": k, "batch": args.batch,
             "gflops": flops[k] / 1e9, "flop_ratio": flops["original"] / flops[k],
             "infer_s": t_inf[k], "infer_img_s": args.batch / t_inf[k],
-            "infer_ratio": t_inf["original"] / t_inf[k], "infer_ratio_iqr": spread(s_inf, k),
+            "infer_ratio": t_inf["original"] / t_inf[k], "infer_ratio_rounds": rounds(s_inf, k),
         }
         row["infer_efficiency"] = row["infer_ratio"] / row["flop_ratio"]
         if t_train:
             row.update(train_s=t_train[k], train_img_s=args.batch / t_train[k],
-                       train_ratio=t_train["original"] / t_train[k], train_ratio_iqr=spread(s_train, k))
+                       train_ratio=t_train["original"] / t_train[k], train_ratio_rounds=rounds(s_train, k))
         if mem:
             row.update(peak_train_mem_mib=mem[k], mem_ratio=mem[k] / mem["original"])
         rows.append(row)
