@@ -147,6 +147,26 @@ def test_two_process_launch_runs_both_stages(assets, tmp_path):
     student.load_state_dict(load_file(str(out / "final" / "model.safetensors")), strict=True)
 
 
+def test_launch_with_dynamo_backend_compiles_and_saves_the_plain_model(assets, tmp_path):
+    """`accelerate launch --dynamo_backend ...` hands prepare() a torch.compile'd model; training matches an
+    eager run, and out/final holds the plain model (aot_eager: the same tracing, no C++ compiler needed)."""
+    args = ("--align-steps", "2", "--finetune-steps", "3", "--batch-size", "8", "--distill-weight", "0.3")
+    eager = tmp_path / "eager"
+    _run(_argv(assets, eager, *args))
+    out = tmp_path / "compiled"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "aot_eager", str(SCRIPT), *_argv(assets, out, *args)]
+    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((out / "final.json").read_text())["final_format"] == "vit2cbsa"
+    got, want = (load_file(str(d / "final" / "model.safetensors")) for d in (out, eager))
+    assert got.keys() == want.keys()  # no "_orig_mod." prefixes
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    loaded = vit2cbsa.from_pretrained(out / "final")
+    assert type(loaded).__name__ == "VisionTransformer" and vit2cbsa.is_converted(loaded)
+
+
 class _Killed(Exception):
     pass
 

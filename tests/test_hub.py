@@ -255,6 +255,22 @@ def test_resave_of_a_loaded_model(tmp_path):
     assert torch.equal(outputs(first, x)["out"], outputs(second, x)["out"])
 
 
+def test_compiled_model_converts_and_saves_underneath_the_wrapper(tmp_path):
+    """torch.compile wraps a model in an OptimizedModule: convert and save act on the module beneath."""
+    base = _timm("vit_tiny_patch16_224", img_size=32, patch_size=8)()
+    x = torch.randn(1, 3, 32, 32)
+    copy_of = vit2cbsa.convert(torch.compile(copy.deepcopy(base)), "cbsa", 4, inplace=False)
+    assert type(copy_of).__name__ != "OptimizedModule" and vit2cbsa.conversion_info(copy_of) is not None
+    compiled = torch.compile(base)
+    assert vit2cbsa.convert(compiled, "cbsa", 4) is compiled  # in place: the wrapper, over the converted model
+    assert vit2cbsa.is_converted(base) and vit2cbsa.conversion_info(base) is not None
+    folder = save_pretrained(compiled, tmp_path / "out")  # never called, so nothing was compiled
+    weights = load_file(str(folder / "model.safetensors"))
+    assert not any(k.startswith("_orig_mod") for k in weights) and weights.keys() == base.state_dict().keys()
+    assert torch.equal(outputs(base, x)["out"], outputs(from_pretrained(folder), x)["out"])
+    assert torch.equal(outputs(copy_of, x)["out"], outputs(base, x)["out"])  # same weights, same conversion
+
+
 # --------------------------------------------------------------------------- what cannot be saved
 
 

@@ -119,6 +119,13 @@ def _unsupported_attention_names(model: nn.Module) -> List[str]:
     return sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module under ``torch.compile``'s wrapper (``OptimizedModule``, which shares its parameters and
+    submodules), or ``model`` itself when it is not compiled."""
+    inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def is_converted(model: nn.Module) -> bool:
     """True if ``model`` contains attention layers converted by vit2cbsa."""
     return any(isinstance(m, ConvertedAttention) for m in model.modules())
@@ -152,7 +159,9 @@ def convert(
         broadcast: how representatives are broadcast back to tokens: ``"key"`` (softmax over
             extracted representative keys, default), ``"query"`` (over pooled queries, Agent
             Attention) or ``"transpose"`` (the paper's ``A^T``).
-        inplace: modify ``model`` itself (default) or a deep copy of it.
+        inplace: modify ``model`` itself (default) or a deep copy of it. A ``torch.compile``d model is
+            converted underneath its wrapper: in place, the wrapper is returned (it recompiles on its next
+            call); otherwise a converted copy of the uncompiled model is returned (compile that).
         verbose: log the summary at INFO level (it is always available as ``model.vit2cbsa_info``).
 
     Returns:
@@ -164,6 +173,11 @@ def convert(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
+    inner = uncompiled(model)
+    if inner is not model:
+        converted = convert(inner, variant, num_representatives, layers, broadcast=broadcast, inplace=inplace,
+                            verbose=verbose)
+        return model if inplace else converted
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
     if broadcast not in BROADCASTS:

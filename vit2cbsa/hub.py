@@ -37,7 +37,7 @@ from torch import nn
 
 from . import __version__
 from .attention import BROADCASTS, VARIANTS
-from .convert import ConversionInfo, conversion_info, convert
+from .convert import ConversionInfo, conversion_info, convert, uncompiled
 
 CONFIG_NAME = "vit2cbsa_config.json"
 FORMAT_VERSION = 1
@@ -322,7 +322,8 @@ def save_pretrained(
     """Save a converted model as safetensors plus ``vit2cbsa_config.json``, atomically.
 
     Args:
-        model: a model returned by :func:`vit2cbsa.convert` (timm or transformers).
+        model: a model returned by :func:`vit2cbsa.convert` (timm or transformers), also under
+            ``torch.compile`` (the uncompiled module is saved).
         save_directory: the folder to create. An existing folder is replaced only if it is
             empty or an earlier vit2cbsa save; anything else raises ``FileExistsError``.
         model_kwargs: timm only: constructor kwargs that rebuild the architecture with
@@ -341,6 +342,7 @@ def save_pretrained(
         ValueError if the model is not converted or its architecture cannot be rebuilt exactly
         from what would be saved (nothing is written then).
     """
+    model = uncompiled(model)
     info = conversion_info(model)
     if info is None:
         raise ValueError("vit2cbsa: this model is not converted; call vit2cbsa.convert(model, ...) first "
@@ -604,7 +606,8 @@ def push_to_hub(
     ``HfApi.create_repo(exist_ok=True)`` and ``HfApi.upload_folder``.
 
     Args:
-        model: a converted model, or the path of a saved folder (it is loaded first, as a check).
+        model: a converted model (also under ``torch.compile``), or the path of a saved folder (it is
+            loaded first, as a check).
         repo_id: the Hub model repo, e.g. ``"user/vit-base-cbsa"``.
         metrics: fine-tuning results for the card, e.g. ``{"top1": 80.1}``.
         dataset: the dataset ``metrics`` were measured on (also puts them in ``model-index``).
@@ -622,6 +625,7 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="vit2cbsa-push-") as tmp:
         stage = Path(tmp) / "repo"
         if isinstance(model, nn.Module):
+            model = uncompiled(model)
             save_pretrained(model, stage, model_kwargs=model_kwargs, base_model=base_model,
                             image_processor=image_processor, max_shard_size=max_shard_size)
         else:

@@ -443,6 +443,11 @@ class _Run:
                           num_workers=c.num_workers, pin_memory=self.accelerator.device.type == "cuda",
                           generator=torch.Generator().manual_seed(c.seed))
 
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """``model`` without Accelerate's wrappers, ``torch.compile``'s included (``accelerate launch
+        --dynamo_backend inductor`` compiles what ``prepare`` gets)."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> float:
         acc = self.accelerator
@@ -472,7 +477,7 @@ class _Run:
         def loss_fn(module, batch):
             return module(batch[0])[0]
 
-        return aligner, optimizer, loss_fn, lambda m: self.accelerator.unwrap_model(m).student
+        return aligner, optimizer, loss_fn, lambda m: self.unwrap(m).student
 
     def _setup_finetune(self):
         c, kind = self.config, self.loaded.kind
@@ -502,7 +507,7 @@ class _Run:
                 loss = (1 - w) * loss + w * kl
             return loss
 
-        return model, optimizer, loss_fn, lambda m: self.accelerator.unwrap_model(m)
+        return model, optimizer, loss_fn, lambda m: self.unwrap(m)
 
     def train_stage(self, stage: str) -> nn.Module:
         """Set up ``stage``, resume it if the newest checkpoint is in it, train to its last step."""
@@ -569,7 +574,7 @@ class _Run:
         bar.close()
         trained = eval_model(module)
         if stage == "align":
-            acc.unwrap_model(module).remove()
+            self.unwrap(module).remove()
         return trained
 
     def save_checkpoint(self, progress: dict) -> None:
@@ -609,7 +614,7 @@ class _Run:
             if final.exists():  # left by a launch killed while saving: ours to replace
                 shutil.rmtree(final)
             try:
-                save_pretrained(acc.unwrap_model(model), final)
+                save_pretrained(self.unwrap(model), final)
             except ValueError as e:
                 acc.print(f"warning: out/final holds the weights only ({_one_line(e)})")
                 fmt = "safetensors"
