@@ -19,6 +19,7 @@ inference and (unless ``--no-train``) training steps.
 
     python benchmarks/speed.py                       # the CPU table quoted in the README (~30 min)
     python benchmarks/speed.py --quick               # smoke run, < 1 min (CI runs it)
+    python benchmarks/speed.py --resolutions 224 --variants cbsa --keep-intermediates   # recompute=False
     python benchmarks/speed.py --device cuda --dtype bfloat16 --batch 32 --compile
 
 Writes ``benchmarks/results/speed_<device>.json`` and ``.png`` (or ``--out``).
@@ -48,7 +49,7 @@ def parse_res(text: str):
     return int(h), int(w or h)
 
 
-def build(name: str, res, variants, reps: int, device, dtype):
+def build(name: str, res, variants, reps: int, device, dtype, recompute: bool = True):
     import timm
 
     torch.manual_seed(0)
@@ -56,6 +57,9 @@ def build(name: str, res, variants, reps: int, device, dtype):
     models = {"original": orig}
     for v in variants:
         models[v] = vit2cbsa.convert(orig, v, reps, inplace=False)
+        for mixer in models[v].modules():
+            if hasattr(mixer, "recompute"):  # CBSA-type mixers: keep A, B for backward instead
+                mixer.recompute = recompute
     return models
 
 
@@ -102,7 +106,7 @@ def train_step(model, x, y, device, forward=None):
 
 
 def bench_row(name, res, args, device, dtype):
-    models = build(name, res, args.variants, args.representatives, device, dtype)
+    models = build(name, res, args.variants, args.representatives, device, dtype, not args.keep_intermediates)
     h, w = res
     tokens = 1 + (h // 16) * (w // 16)
     x1 = torch.randn(1, 3, h, w, device=device, dtype=dtype)
@@ -307,6 +311,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-scaling", action="store_true", help="skip the single-layer time-vs-N fit")
     ap.add_argument("--only-scaling", action="store_true", help="run only the single-layer time-vs-N fit")
+    ap.add_argument("--keep-intermediates", action="store_true",
+                    help="CBSA training keeps A, B and the m x d steps for backward (recompute=False): faster "
+                         "at small N, more memory")
     ap.add_argument("--compile", action="store_true", help="also check torch.compile (graph breaks, speed-up)")
     ap.add_argument("--compile-res", default="512")
     ap.add_argument("--device", default="cpu")
@@ -336,6 +343,7 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "dtype": args.dtype, "torch": torch.__version__, "python": sys.version.split()[0],
         "representatives": args.representatives, "batch": args.batch, "repeats": args.repeats,
+        "recompute": not args.keep_intermediates,
         "rows": rows, "time_exponents": exps, "attention_scaling": scaling,
     }
     if args.compile:
