@@ -507,7 +507,7 @@ class _Run:
                 loss = (1 - w) * loss + w * kl
             return loss
 
-        return model, optimizer, loss_fn, lambda m: self.unwrap(m)
+        return model, optimizer, loss_fn, self.unwrap
 
     def train_stage(self, stage: str) -> nn.Module:
         """Set up ``stage``, resume it if the newest checkpoint is in it, train to its last step."""
