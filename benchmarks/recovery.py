@@ -115,6 +115,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--representatives", default="16", help="count (16 = 4x4 grid) or grid like 4x4")
     ap.add_argument("--hybrid-layers", default="3:", help="converted layers of the hybrid run")
+    ap.add_argument("--broadcast", default=FinetuneConfig.broadcast, help="key | query | transpose")
+    ap.add_argument("--extra-representatives", default=FinetuneConfig.extra_representatives,
+                    help="prefix | global | none (none: the pooled grid only, the design before 2026-12-01)")
+    ap.add_argument("--prefix-broadcast", default=FinetuneConfig.prefix_broadcast, help="own | all")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--distill-weight", type=float, default=1.0,
                     help="weight of the KL to the original's logits (1.0: no labels used)")
@@ -276,9 +280,12 @@ class TestSet:
         return out
 
 
+DESIGN = {}  # the representative design of this launch: broadcast, extra_representatives, prefix_broadcast
+
+
 def converted_copy(teacher: torch.nn.Module, variant: str, reps, layers: Optional[str]) -> torch.nn.Module:
     """The converted student exactly as ``finetune.run`` builds it (the conversion is deterministic)."""
-    return convert(copy.deepcopy(teacher), variant, parse_representatives(reps), parse_layers(layers), broadcast="key")
+    return convert(copy.deepcopy(teacher), variant, parse_representatives(reps), parse_layers(layers), **DESIGN)
 
 
 def count_trainable(teacher: torch.nn.Module, variant: str, reps, layers: Optional[str], lora_rank: int) -> dict:
@@ -326,6 +333,8 @@ def make_config(args, spec: dict, out_dir: Path, data_dir: Path, **overrides) ->
         finetune_steps=spec["finetune_steps"], lr=args.lora_lr if spec["lora_rank"] else args.lr,
         lora_rank=spec["lora_rank"], eval_batch_size=128,
         distill_weight=args.distill_weight, batch_size=args.batch_size, mixed_precision="no", cpu=True,
+        broadcast=args.broadcast, extra_representatives=args.extra_representatives,
+        prefix_broadcast=args.prefix_broadcast,
         seed=args.seed, checkpoint_every=100, keep_checkpoints=1000,  # the end-of-alignment checkpoint must survive
         log_every=1 if args.smoke else min(10, args.eval_every), eval_every=args.eval_every)
     kw.update(overrides)
@@ -619,7 +628,8 @@ def markdown(result: dict) -> str:
         f"**Recovery of the CIFAR-10 teacher** (ViT, 6 blocks, {t['num_params'] / 1e6:.2f}M params; "
         f"teacher accuracy {pct(t['accuracy_measured'])}% re-measured on {t['test_images']:,} test images, "
         f"{pct(t['accuracy_from_config'])}% in its config). Converted models: {s['representatives']} representatives "
-        f"(4x4 grid on the 8x8 patch grid); batch {s['batch_size']}, seed {s['seed']}, distillation weight "
+        f"(4x4 grid on the 8x8 patch grid), extra representatives `{s.get('extra_representatives', 'none')}` "
+        f"(prefix tokens read `{s.get('prefix_broadcast', 'all')}`), broadcast `{s.get('broadcast', 'key')}`; batch {s['batch_size']}, seed {s['seed']}, distillation weight "
         f"{s['distill_weight']} (KL to the original's logits, T=2); alignment lr {s['align_lr']}, fine-tuning lr {s['lr']} "
         f"(LoRA: {s['lora_lr']}), AdamW, 5% warm-up + cosine; "
         f"CPU, {s['threads']} thread(s). Accuracies on all {t['test_images']:,} test images; cos = mean cosine "
@@ -803,6 +813,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.time()
+    DESIGN.update(broadcast=args.broadcast, extra_representatives=args.extra_representatives,
+                  prefix_broadcast=args.prefix_broadcast)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data(args.data, args.cache.expanduser())
@@ -820,7 +832,7 @@ def main(argv=None) -> dict:
         return estimate(args, data_dir, teacher, tsha, test, t_meas["seconds"], t_setup)
     settings = dict(smoke=args.smoke, align_steps=args.align_steps, finetune_steps=args.finetune_steps,
                     batch_size=args.batch_size, representatives=str(args.representatives),
-                    hybrid_layers=args.hybrid_layers, lora_rank=args.lora_rank, lora_lr=args.lora_lr,
+                    hybrid_layers=args.hybrid_layers, lora_rank=args.lora_rank, lora_lr=args.lora_lr, **DESIGN,
                     distill_weight=args.distill_weight, temperature=FinetuneConfig.temperature, lr=args.lr,
                     align_lr=args.align_lr, seed=args.seed, eval_every=args.eval_every, eval_subset=args.eval_subset,
                     threads=args.threads, num_workers=args.num_workers, data=str(data_dir),

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--representatives", default=str(default["representatives"]), help="count (64) or grid (8x8)")
     g.add_argument("--layers", help="which attention layers: '6:' (slice), '0,2,4', '-1'; default all")
     g.add_argument("--broadcast", default=default["broadcast"], help="key | query | transpose")
+    g.add_argument("--extra-representatives", default=default["extra_representatives"],
+                   help="prefix (each class/register token its own representative) | global | none")
+    g.add_argument("--prefix-broadcast", default=default["prefix_broadcast"],
+                   help="own (a prefix token reads only its own representative) | all")
     g = ap.add_argument_group("stage 1: attention alignment")
     g.add_argument("--align-steps", type=int, default=0)
     g.add_argument("--align-lr", type=float, default=default["align_lr"])

@@ -165,7 +165,8 @@ def test_representative_rate_matches_direct():
 @pytest.mark.parametrize("variant", ["cbsa", "contraction_free"])
 @pytest.mark.parametrize("broadcast", ["key", "query", "transpose"])
 def test_cbsa_maps_reproduce_mixer_output(variant, broadcast):
-    # distilled DeiT: 2 prefix tokens; 40x24 input -> 10x6 patch grid; 4x8 representatives clamp to 4x6
+    # distilled DeiT: 2 prefix tokens; 40x24 input -> 10x6 patch grid; 4x8 representatives clamp to 4x6, and the
+    # 2 prefix tokens are representatives too (26 in all), which they read back alone (prefix_broadcast="own")
     model = _randomise_mixers(vit2cbsa.convert(_tiny_timm(distilled=True), variant, (4, 8), broadcast=broadcast))
     x = torch.randn(2, 3, 40, 24, generator=torch.Generator().manual_seed(5))
     with AttentionCapture(model) as cap:
@@ -173,8 +174,10 @@ def test_cbsa_maps_reproduce_mixer_output(variant, broadcast):
     for rec in cap.records:
         assert rec.grid == (10, 6) and rec.prefix == 2
         maps = cbsa_maps(rec.module.mixer, rec.q, rec.k, rec.v, rec.grid)
-        assert maps.A.shape == (2, 2, 24, 62) and maps.B.shape == (2, 2, 62, 24) and maps.rep_grid == (4, 6)
-        torch.testing.assert_close(maps.A.sum(-1), torch.ones(2, 2, 24))
+        assert maps.A.shape == (2, 2, 26, 62) and maps.B.shape == (2, 2, 62, 26) and maps.rep_grid == (4, 6)
+        assert maps.lead == 2 and torch.equal(maps.B[:, :, :2], torch.eye(2, 26).expand(2, 2, 2, 26))
+        torch.testing.assert_close(maps.P[:, :, :2], rec.q[:, :, :2])  # the prefix queries themselves
+        torch.testing.assert_close(maps.A.sum(-1), torch.ones(2, 2, 26))
         torch.testing.assert_close(maps.B.sum(-1), torch.ones(2, 2, 62))
         torch.testing.assert_close(maps.out, rec.mixer_out, rtol=1e-5, atol=1e-6)  # B @ C == the mixer's output
         e = attention_operator(rec)  # out = kappa E V
@@ -191,7 +194,9 @@ def test_cbsa_maps_reproduce_mixer_output(variant, broadcast):
 
 def test_extraction_equals_pretrained_attention_when_every_patch_is_a_representative():
     """Independent check of A: with one representative per patch and unit temperature, the pooled queries
-    are the patch queries, so A is exactly the pretrained softmax attention of the patch tokens."""
+    are the patch queries, and the class token's query is representative 0 (extra_representatives="prefix"),
+    so A is exactly the pretrained softmax attention of all tokens; and its class token, which reads back only
+    its own representative, gets exactly the pretrained layer's output."""
     teacher = _tiny_timm()
     model = vit2cbsa.convert(teacher, "cbsa", 64, inplace=False)  # 8x8 representatives on the 8x8 grid
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(6))
@@ -199,8 +204,11 @@ def test_extraction_equals_pretrained_attention_when_every_patch_is_a_representa
         ref.run(x)
         cap.run(x)
     original = attention_operator(ref.records[0])  # softmax(s q k^T) of the original layer
-    maps = cbsa_maps(cap.records[0].module.mixer, cap.records[0].q, cap.records[0].k, None, (8, 8))
-    torch.testing.assert_close(maps.A, original[:, :, 1:, :], rtol=1e-5, atol=1e-6)
+    rec = cap.records[0]
+    maps = cbsa_maps(rec.module.mixer, rec.q, rec.k, rec.v, (8, 8))
+    torch.testing.assert_close(maps.A, original, rtol=1e-5, atol=1e-6)
+    v = ref.records[0].qkv()[2]
+    torch.testing.assert_close(maps.out[:, :, 0], (original @ v)[:, :, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_softmax_operator_reproduces_original_modules():
@@ -250,7 +258,7 @@ def test_layer_coding_rates_on_converted_and_original():
     conv = layer_coding_rates(model, x, batch_size=2)
     assert [r["kind"] for r in orig] == ["softmax", "softmax"] and [r["kind"] for r in conv] == ["cbsa", "cbsa"]
     assert conv[0]["tokens"] == pytest.approx(orig[0]["tokens"], rel=1e-9)  # layer 0 sees the same tokens
-    assert orig[0]["representatives"] is None and conv[0]["num_representatives"] == 16
+    assert orig[0]["representatives"] is None and conv[0]["num_representatives"] == 17  # 4x4 + the class token
     # independent recomputation of layer 1's terms from a capture on the whole batch
     with AttentionCapture(model, [1]) as cap:
         cap.run(x)
@@ -272,7 +280,9 @@ def test_explain_maps_and_figure(tmp_path):
     maps, _ = explain(model, x, [0, 1])
     ref, _ = explain(teacher, x, [0, 1])
     lm = maps[1]
-    assert lm.cls.shape == (2, 8, 8) and lm.gather.shape == (2, 16, 8, 8) and lm.broadcast.shape == (2, 8, 8, 16)
+    assert lm.cls.shape == (2, 8, 8) and lm.gather.shape == (2, 17, 8, 8) and lm.broadcast.shape == (2, 8, 8, 17)
+    assert [lm.rep_name(i) for i in (0, 1, 6, 16)] == ["cls", "r0,0", "r1,1", "r3,3"]
+    assert (lm.cls_broadcast == np.eye(1, 17)).all()  # the class token reads only its own representative
     assert ref[1].gather is None and ref[1].cls.shape == (2, 8, 8)
     # class-token maps are probability mass over patches (class row minus its prefix part)
     assert (ref[1].cls.sum(axis=(1, 2)) <= 1 + 1e-6).all() and (lm.gather.sum(axis=(2, 3)) <= 1 + 1e-6).all()

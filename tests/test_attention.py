@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vit2cbsa.attention import CBSA, CBSAMixer, ContractionFreeMixer, LinearMixer
-from vit2cbsa.attention.cbsa_explicit import ExplicitCBSA
+from vit2cbsa.attention.cbsa_explicit import ExplicitCBSA, Geometry
 from vit2cbsa.layout import TokenLayout
 
 torch.manual_seed(0)
@@ -26,13 +26,21 @@ def _pool_by_hand(t, prefix, h, w, rh, rw):
     return torch.stack(reps)
 
 
-def _reference_mixer(q, k, v, kappa, gamma, ta, tb, broadcast, rh, rw):
+# (extra_representatives, prefix_broadcast) pairs the mixers are checked with
+EXTRAS = [("none", "all"), ("prefix", "all"), ("prefix", "own"), ("global", "all")]
+
+
+def _reference_mixer(q, k, v, kappa, gamma, ta, tb, broadcast, rh, rw, extra="none", prefix_broadcast="all"):
     s = D ** -0.5
     out = torch.empty_like(q)
     for b in range(B):
         for hd in range(H):
             Q, K, V = q[b, hd], k[b, hd], v[b, hd]
             P = _pool_by_hand(Q, PREFIX, GH, GW, rh, rw)
+            if extra == "prefix":  # each prefix token's query first
+                P = torch.cat([Q[:PREFIX], P])
+            elif extra == "global":  # the mean of all patch queries last
+                P = torch.cat([P, Q[PREFIX:].mean(0, keepdim=True)])
             A = torch.softmax(s * ta[hd] * P @ K.T, dim=1)
             Kr, Vr = A @ K, A @ V
             C = Vr + gamma[hd] * torch.softmax(s * ta[hd] * P @ Kr.T, dim=1) @ Vr
@@ -42,16 +50,22 @@ def _reference_mixer(q, k, v, kappa, gamma, ta, tb, broadcast, rh, rw):
                 Bm = torch.softmax(s * tb[hd] * Q @ P.T, dim=1)
             else:
                 Bm = A.T / A.T.sum(dim=1, keepdim=True)
+            if extra == "prefix" and prefix_broadcast == "own":
+                Bm = Bm.clone()
+                for i in range(PREFIX):  # prefix token i reads only representative i (itself)
+                    Bm[i] = 0
+                    Bm[i, i] = 1
             out[b, hd] = kappa[hd] * Bm @ C
     return out
 
 
+@pytest.mark.parametrize("extra", EXTRAS, ids=["-".join(e) for e in EXTRAS])
 @pytest.mark.parametrize("broadcast", ["key", "query", "transpose"])
 @pytest.mark.parametrize("cls", [CBSAMixer, ContractionFreeMixer])
-def test_cbsa_mixer_matches_reference(cls, broadcast):
+def test_cbsa_mixer_matches_reference(cls, broadcast, extra):
     n = PREFIX + GH * GW
     q, k, v = _qkv(n)
-    mixer = cls(H, D, (3, 2), broadcast=broadcast).double()
+    mixer = cls(H, D, (3, 2), broadcast=broadcast, extra_representatives=extra[0], prefix_broadcast=extra[1]).double()
     with torch.no_grad():
         mixer.kappa.copy_(torch.tensor([1.0, -0.5, 2.0]))
         mixer.log_temperature.copy_(torch.tensor([[0.2, -0.3, 0.5], [-0.4, 0.1, 0.3]]))
@@ -59,7 +73,7 @@ def test_cbsa_mixer_matches_reference(cls, broadcast):
             mixer.gamma.copy_(torch.tensor([0.3, -1.2, 0.7]))
     gamma = mixer.gamma if mixer.contraction else torch.zeros(H)
     ta, tb = mixer.log_temperature.detach().exp()
-    ref = _reference_mixer(q, k, v, mixer.kappa.detach(), gamma.detach(), ta, tb, broadcast, 3, 2)
+    ref = _reference_mixer(q, k, v, mixer.kappa.detach(), gamma.detach(), ta, tb, broadcast, 3, 2, *extra)
     out = mixer(q, k, v, TokenLayout((GH, GW)))  # with a graph: hand-written backward (or autograd)
     torch.testing.assert_close(out, ref)
     with torch.no_grad():  # inference
@@ -157,16 +171,18 @@ def _saved_bytes(fn):
     return out, sum(seen.values())
 
 
+@pytest.mark.parametrize("extra", EXTRAS, ids=["-".join(e) for e in EXTRAS])
 @pytest.mark.parametrize("broadcast", ["key", "query"])
 @pytest.mark.parametrize("cls", [CBSAMixer, ContractionFreeMixer])
-def test_training_gradients_match_reference_with_and_without_recompute(cls, broadcast):
+def test_training_gradients_match_reference_with_and_without_recompute(cls, broadcast, extra):
     n = PREFIX + GH * GW
     q0, k0, v0 = _qkv(n)
     for rep in ((3, 2), (6, 4)):
         grads = []
         for recompute in (True, False, "reference"):
             torch.manual_seed(5)
-            mixer = cls(H, D, rep, broadcast=broadcast).double()
+            mixer = cls(H, D, rep, broadcast=broadcast, extra_representatives=extra[0],
+                        prefix_broadcast=extra[1]).double()
             with torch.no_grad():
                 mixer.kappa.copy_(torch.tensor([1.0, -0.5, 2.0]))
                 mixer.log_temperature.copy_(torch.tensor([[0.2, -0.3, 0.5], [-0.4, 0.1, 0.3]]))
@@ -176,7 +192,7 @@ def test_training_gradients_match_reference_with_and_without_recompute(cls, broa
             if recompute == "reference":
                 ta, tb = mixer.log_temperature.exp()
                 gamma = mixer.gamma if mixer.contraction else torch.zeros(H, dtype=torch.float64)
-                out = _reference_mixer(q, k, v, mixer.kappa, gamma, ta, tb, broadcast, *rep)
+                out = _reference_mixer(q, k, v, mixer.kappa, gamma, ta, tb, broadcast, *rep, *extra)
             else:
                 mixer.recompute = recompute
                 out = mixer(q, k, v, TokenLayout((GH, GW)))
@@ -187,12 +203,13 @@ def test_training_gradients_match_reference_with_and_without_recompute(cls, broa
                 torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("extra", EXTRAS, ids=["-".join(e) for e in EXTRAS])
 @pytest.mark.parametrize("grid", [(4, 4), (5, 3)])  # equal and unequal pooling windows
 @pytest.mark.parametrize("broadcast", ["key", "query"])
 @pytest.mark.parametrize("contraction", [True, False])
-def test_hand_written_backward_passes_gradcheck(grid, broadcast, contraction):
+def test_hand_written_backward_passes_gradcheck(grid, broadcast, contraction, extra):
     """Finite differences, independent of the derivation, for every input and both memory modes."""
-    b, nh, d, prefix = 2, 2, 3, 1
+    b, nh, d, prefix = 2, 2, 3, 2
     n = prefix + grid[0] * grid[1]
     gen = torch.Generator().manual_seed(3)
     fused = torch.randn(b, n, 3, nh, d, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -201,8 +218,8 @@ def test_hand_written_backward_passes_gradcheck(grid, broadcast, contraction):
     for recompute in (True, False):
         def fn(fused, t0, t1, gamma, kappa):
             q, k, v = fused.permute(2, 0, 3, 1, 4).unbind(0)  # strided heads, as the adapters pass them
-            return ExplicitCBSA.apply(q, k, v, t0, t1, gamma if contraction else None, kappa, prefix, *grid,
-                                      (2, 2), broadcast, recompute)
+            geo = Geometry(prefix, *grid, (2, 2), broadcast, extra[0], extra[1] == "own")
+            return ExplicitCBSA.apply(q, k, v, t0, t1, gamma if contraction else None, kappa, geo, recompute)
         assert torch.autograd.gradcheck(fn, (fused, t0, t1, gamma, kappa))
 
 

@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence, Tuple
 from torch import nn
 
 from . import __version__, specs
-from .attention import BROADCASTS, VARIANTS
+from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
+from .layout import EXTRA_REPRESENTATIVES
 
 DESCRIPTION = """\
 Convert pretrained Vision Transformers (timm or Hugging Face transformers) from softmax
@@ -231,7 +232,7 @@ def _image_processor(location: str) -> Any:
 def build_for_inspect(source: Source, resolution: Optional[Tuple[int, int]]) -> Tuple[nn.Module, Optional[nn.Module]]:
     """A random-weight model for MODEL at ``resolution``: ``(base, converted)``; ``converted`` is
     the saved conversion for a vit2cbsa folder, else ``None``."""
-    from .convert import convert
+    from .convert import convert, saved_options
     from .hub import BaseModelSpec, read_config
 
     size = {"img_size": list(resolution)} if resolution else {}
@@ -243,8 +244,7 @@ def build_for_inspect(source: Source, resolution: Optional[Tuple[int, int]]) -> 
             spec.model_kwargs.update(size)
         conv = config["conversion"]
         base = spec.build()
-        return base, convert(copy.deepcopy(base), conv["variant"], tuple(conv["num_representatives"]),
-                             conv["converted_layers"], broadcast=conv["broadcast"])
+        return base, convert(copy.deepcopy(base), **saved_options(conv))
     if source.kind in ("timm", "timm-dir", "hub-timm"):
         name = {"timm": source.location, "timm-dir": "local-dir:" + source.location,
                 "hub-timm": "hf-hub:" + source.location}[source.kind]
@@ -273,7 +273,9 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
 def _conversion_options(args: argparse.Namespace) -> dict:
     return {"variant": args.variant or "cbsa",
             "num_representatives": args.representatives if args.representatives is not None else 64,
-            "layers": args.layers, "broadcast": args.broadcast or "key"}
+            "layers": args.layers, "broadcast": args.broadcast or "key",
+            "extra_representatives": args.extra_representatives or "prefix",
+            "prefix_broadcast": args.prefix_broadcast or "own"}
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -287,8 +289,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     info = getattr(model, "vit2cbsa_info", None)
     if info is not None:  # a vit2cbsa folder: re-save it, if the options asked for agree
         asked = {"variant": args.variant, "broadcast": args.broadcast,
-                 "num_representatives": as_grid(args.representatives) if args.representatives is not None else None}
-        saved = {"variant": info.variant, "broadcast": info.broadcast, "num_representatives": tuple(info.num_representatives)}
+                 "num_representatives": as_grid(args.representatives) if args.representatives is not None else None,
+                 "extra_representatives": args.extra_representatives, "prefix_broadcast": args.prefix_broadcast}
+        saved = {k: v for k, v in info.options().items() if k in asked}
         clash = [f"{k}={asked[k]!r} (saved: {saved[k]!r})" for k in asked if asked[k] is not None and asked[k] != saved[k]]
         if clash or args.layers is not None:
             raise CLIError(f"{args.model} is already converted; cannot change " + (", ".join(clash) or "layers")
@@ -321,7 +324,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     report = {
         "model": args.model, "source": source.kind, "class": type(base).__name__,
         "conversion": {"variant": info.variant, "num_representatives": [gh, gw], "broadcast": info.broadcast,
-                       "converted_layers": info.converted_indices},
+                       "extra_representatives": info.extra_representatives,
+                       "prefix_broadcast": info.prefix_broadcast, "converted_layers": info.converted_indices},
         "attention_layers": layers, **cost.to_dict(),
     }
     if args.json:
@@ -330,8 +334,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {type(base).__name__} ({source.kind}), input {c}x{h}x{w}")
     print(f"tokens per image: {cost.num_tokens} = {cost.num_prefix_tokens} prefix + "
           f"{cost.patch_grid[0]}x{cost.patch_grid[1]} patches")
-    print(f"conversion: variant {info.variant!r}, {gh}x{gw} = {gh * gw} representatives per head, "
-          f"broadcast {info.broadcast!r}")
+    extra = {"prefix": f" + {cost.num_prefix_tokens} prefix", "global": " + 1 global", "none": ""}[info.extra_representatives]
+    print(f"conversion: variant {info.variant!r}, {gh}x{gw} = {gh * gw}{extra} representatives per head, "
+          f"broadcast {info.broadcast!r}, prefix tokens read {'their own' if info.prefix_broadcast == 'own' else 'all'}"
+          " representative(s)")
     print(f"attention layers: {len(layers)} found, {len(names)} converted")
     for row in layers:
         mark = f"-> {info.variant}" if row["converted"] else "   softmax (kept)"
@@ -372,6 +378,11 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
                    help="attention layers to convert, in block order: all, 3, 0,1,2 or 6: (default: all)")
     g.add_argument("--broadcast", choices=list(BROADCASTS), default=None,
                    help="how representatives are broadcast back to tokens (default: key)")
+    g.add_argument("--extra-representatives", choices=list(EXTRA_REPRESENTATIVES), default=None,
+                   help="representatives next to the pooled grid: prefix (each class/register token its own, "
+                        "default), global (the mean of the patch queries) or none")
+    g.add_argument("--prefix-broadcast", choices=list(PREFIX_BROADCASTS), default=None,
+                   help="own (default): a prefix token reads back only its own representative; all: every one")
 
 
 def _para(text: str) -> str:

@@ -18,8 +18,8 @@ from torch import nn
 
 from . import __version__
 from .adapters import ADAPTERS, Adapter, ConvertedAttention, find_adapter
-from .attention import BROADCASTS, VARIANTS, build_mixer
-from .layout import GridLike, GridRecorder, TokenLayout, as_grid
+from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS, build_mixer
+from .layout import EXTRA_REPRESENTATIVES, GridLike, GridRecorder, TokenLayout, as_grid
 
 logger = logging.getLogger("vit2cbsa")
 
@@ -51,10 +51,18 @@ class ConversionInfo:
     patch_embedding: str = ""
     new_parameters: int = 0
     library_version: str = __version__
+    extra_representatives: str = "none"
+    prefix_broadcast: str = "all"
 
     @property
     def converted_indices(self) -> List[int]:
         return [layer.index for layer in self.converted]
+
+    def options(self) -> dict:
+        """The :func:`convert` arguments that rebuild this conversion on the original model."""
+        return {"variant": self.variant, "num_representatives": tuple(self.num_representatives),
+                "layers": self.converted_indices, "broadcast": self.broadcast,
+                "extra_representatives": self.extra_representatives, "prefix_broadcast": self.prefix_broadcast}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -63,7 +71,11 @@ class ConversionInfo:
 
     def __str__(self) -> str:
         gh, gw = self.num_representatives
-        how = "" if self.variant == "linear" else f" ({gh}x{gw}={gh * gw} representatives, broadcast={self.broadcast!r})"
+        extra = {"prefix": " + one per prefix token", "global": " + 1 global", "none": ""}[self.extra_representatives]
+        if self.extra_representatives == "prefix":
+            extra += f" (prefix_broadcast={self.prefix_broadcast!r})"
+        how = "" if self.variant == "linear" else (f" ({gh}x{gw}={gh * gw}{extra} representatives, "
+                                                   f"broadcast={self.broadcast!r})")
         rows = [
             f"vit2cbsa: converted {len(self.converted)}/{self.num_attention_layers} attention layers to "
             f"{self.variant!r}{how}; patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",
@@ -138,6 +150,8 @@ def convert(
     layers: LayerSelector = None,
     *,
     broadcast: str = "key",
+    extra_representatives: str = "prefix",
+    prefix_broadcast: str = "own",
     inplace: bool = True,
     verbose: bool = False,
 ) -> nn.Module:
@@ -159,6 +173,13 @@ def convert(
         broadcast: how representatives are broadcast back to tokens: ``"key"`` (softmax over
             extracted representative keys, default), ``"query"`` (over pooled queries, Agent
             Attention) or ``"transpose"`` (the paper's ``A^T``).
+        extra_representatives: representatives next to the pooled grid: ``"prefix"`` (default: each
+            prefix token -- class, distillation, register tokens -- is its own representative; a model
+            without prefix tokens gets none), ``"global"`` (one more: the mean of the patch queries) or
+            ``"none"`` (the pooled grid only). See :mod:`vit2cbsa.layout`.
+        prefix_broadcast: ``"own"`` (default): a prefix token that is a representative reads back only its
+            own representative, so at conversion its output is the pretrained attention's exactly;
+            ``"all"``: it reads all representatives like the patch tokens.
         inplace: modify ``model`` itself (default) or a deep copy of it. A ``torch.compile``d model is
             converted underneath its wrapper: in place, the wrapper is returned (it recompiles on its next
             call); otherwise a converted copy of the uncompiled model is returned (compile that).
@@ -175,13 +196,19 @@ def convert(
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     inner = uncompiled(model)
     if inner is not model:
-        converted = convert(inner, variant, num_representatives, layers, broadcast=broadcast, inplace=inplace,
-                            verbose=verbose)
+        converted = convert(inner, variant, num_representatives, layers, broadcast=broadcast,
+                            extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast,
+                            inplace=inplace, verbose=verbose)
         return model if inplace else converted
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
     if broadcast not in BROADCASTS:
         raise ValueError(f"unknown broadcast {broadcast!r}; choose one of {list(BROADCASTS)}")
+    if extra_representatives not in EXTRA_REPRESENTATIVES:
+        raise ValueError(f"unknown extra_representatives {extra_representatives!r}; choose one of "
+                         f"{list(EXTRA_REPRESENTATIVES)}")
+    if prefix_broadcast not in PREFIX_BROADCASTS:
+        raise ValueError(f"unknown prefix_broadcast {prefix_broadcast!r}; choose one of {list(PREFIX_BROADCASTS)}")
     rep_grid = as_grid(num_representatives)
     if is_converted(model):
         raise ValueError(
@@ -216,11 +243,15 @@ def convert(
     # Build every replacement before touching the model (all-or-nothing).
     layout = TokenLayout()
     replacements = []
-    info = ConversionInfo(variant, rep_grid, broadcast, len(candidates), patch_embedding=patch_name)
+    if variant == "linear":
+        extra_representatives, prefix_broadcast = "none", "all"  # no representatives at all
+    info = ConversionInfo(variant, rep_grid, broadcast, len(candidates), patch_embedding=patch_name,
+                          extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast)
     for i in selected:
         name, module, adapter = candidates[i]
         spec = adapter.describe(module)
-        mixer = build_mixer(variant, spec.num_heads, spec.head_dim, rep_grid, broadcast, spec.scale)
+        mixer = build_mixer(variant, spec.num_heads, spec.head_dim, rep_grid, broadcast, spec.scale,
+                            extra_representatives, prefix_broadcast)
         new = adapter.build(module, mixer, layout)
         new.train(module.training)
         ref = next(module.parameters(), None)
@@ -242,6 +273,17 @@ def convert(
     if verbose:
         logger.info("%s", info)
     return model
+
+
+#: options of a saved conversion that folders written before the option existed leave out: the behaviour then
+SAVED_DEFAULTS = {"extra_representatives": "none", "prefix_broadcast": "all"}
+
+
+def saved_options(conv: dict) -> dict:
+    """The :func:`convert` arguments of the ``"conversion"`` entry of a saved ``vit2cbsa_config.json``."""
+    return {"variant": conv["variant"], "num_representatives": tuple(conv["num_representatives"]),
+            "layers": list(conv["converted_layers"]), "broadcast": conv["broadcast"],
+            **{k: conv.get(k, v) for k, v in SAVED_DEFAULTS.items()}}
 
 
 def conversion_info(model: nn.Module) -> Optional[ConversionInfo]:

@@ -36,11 +36,14 @@ import torch
 from torch import nn
 
 from . import __version__
-from .attention import BROADCASTS, VARIANTS
-from .convert import ConversionInfo, conversion_info, convert, uncompiled
+from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
+from .convert import SAVED_DEFAULTS, ConversionInfo, conversion_info, convert, saved_options, uncompiled
+from .layout import EXTRA_REPRESENTATIVES
 
 CONFIG_NAME = "vit2cbsa_config.json"
-FORMAT_VERSION = 1
+# 2: the conversion also records extra_representatives and prefix_broadcast (version 1 folders: "none", "all"),
+# so a vit2cbsa that does not know them refuses these folders instead of loading a different network
+FORMAT_VERSION = 2
 _BASE_ATTR = "_vit2cbsa_base"  # on a loaded model: its BaseModelSpec, reused when it is saved again
 _BASE_MODEL_ATTR = "_vit2cbsa_base_model"  # ... and the Hub id of its original pretrained model
 _DROP_KEYS = ("drop_rate", "drop_path_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate")
@@ -256,7 +259,7 @@ def _shape_problems(expected: Mapping[str, tuple], found: Mapping[str, tuple], l
 
 
 def _convert_like(model: nn.Module, info: ConversionInfo) -> nn.Module:
-    return convert(model, info.variant, tuple(info.num_representatives), info.converted_indices, broadcast=info.broadcast)
+    return convert(model, **info.options())
 
 
 def _verify_rebuild(spec: BaseModelSpec, model: nn.Module, info: ConversionInfo) -> None:
@@ -391,6 +394,8 @@ def save_pretrained(
                 "variant": info.variant,
                 "num_representatives": list(info.num_representatives),
                 "broadcast": info.broadcast,
+                "extra_representatives": info.extra_representatives,
+                "prefix_broadcast": info.prefix_broadcast,
                 "converted_layers": info.converted_indices,
                 "num_attention_layers": info.num_attention_layers,
                 "layer_names": [layer.name for layer in info.converted],
@@ -471,6 +476,9 @@ def read_config(folder: PathLike) -> Dict[str, Any]:
                               f"({__version__}) knows {', '.join(sorted(VARIANTS))}")
     if broadcast not in BROADCASTS:
         raise CheckpointError(f"{path} names an unknown broadcast {broadcast!r}; known: {', '.join(BROADCASTS)}")
+    for key, known in (("extra_representatives", EXTRA_REPRESENTATIVES), ("prefix_broadcast", PREFIX_BROADCASTS)):
+        if conv.get(key, SAVED_DEFAULTS[key]) not in known:
+            raise CheckpointError(f"{path} names an unknown {key} {conv[key]!r}; known: {', '.join(known)}")
     if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
         raise CheckpointError(f"{path}: num_representatives must be [h, w], got {grid!r}")
     if not (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers)):
@@ -567,8 +575,7 @@ def from_pretrained(
         model.to(dtype)
     conv = config["conversion"]
     try:
-        convert(model, conv["variant"], tuple(conv["num_representatives"]), conv["converted_layers"],
-                broadcast=conv["broadcast"])
+        convert(model, **saved_options(conv))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{folder}: the saved conversion does not apply to {spec.describe()}: {_one_line(e)}") from e
     state = _read_weights(folder, config["weights"], _shapes(model))

@@ -16,6 +16,18 @@ which is exactly :func:`torch.nn.functional.adaptive_avg_pool2d` (equal windows 
 ``gh`` divides ``h``). When the patch grid is smaller than the representative grid along
 an axis, that axis of the representative grid is clamped to the patch grid (each patch
 is then its own representative) instead of duplicating tokens.
+
+Extra representatives (``extra``, the ``convert(..., extra_representatives=...)`` option) are
+stacked around the pooled grid::
+
+    "prefix":  P = [q_1; ...; q_t; pool(q[t:])]            each prefix token its own representative
+    "global":  P = [pool(q[t:]); mean(q[t:])]              one more: the mean of all patch tokens
+    "auto":    "prefix" when the input has prefix tokens (t > 0), else "global"
+    "none":    P = pool(q[t:])
+
+so ``m = t + gh gw`` (``"prefix"``), ``gh gw + 1`` (``"global"``) or ``gh gw``. A prefix token's
+representative row of the extraction ``softmax(P K^T)`` is that token's own pretrained attention
+row, which keeps the class token's view of the image intact at conversion.
 """
 
 from __future__ import annotations
@@ -26,6 +38,9 @@ import torch
 from torch import nn
 
 GridLike = Union[int, Tuple[int, int]]
+
+#: choices of extra representatives next to the pooled grid (module docstring)
+EXTRA_REPRESENTATIVES = ("auto", "prefix", "global", "none")
 
 
 def as_grid(num_representatives: GridLike) -> Tuple[int, int]:
@@ -187,3 +202,54 @@ def _windows(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
     r = torch.arange(size, device=like.device)
     mask = ((r >= start[:, None]) & (r < end[:, None])).to(like.dtype)
     return mask / mask.sum(dim=1, keepdim=True)
+
+
+def extra_parts(extra: str, prefix: int) -> Tuple[int, bool]:
+    """``(prefix tokens used as representatives, whether a global representative is added)``."""
+    if extra == "auto":
+        extra = "prefix" if prefix > 0 else "global"
+    if extra == "prefix":
+        return prefix, False
+    if extra == "global":
+        return 0, True
+    if extra == "none":
+        return 0, False
+    raise ValueError(f"extra_representatives must be one of {EXTRA_REPRESENTATIVES}, got {extra!r}")
+
+
+def num_representatives_used(rep_grid: Tuple[int, int], h: int, w: int, prefix: int, extra: str) -> int:
+    """``m``: the representatives one head uses on an ``h x w`` patch grid with ``prefix`` prefix tokens."""
+    gh, gw = effective_grid(rep_grid, h, w)
+    lead, glob = extra_parts(extra, prefix)
+    return lead + gh * gw + int(glob)
+
+
+def representatives(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tuple[int, int],
+                    extra: str = "none") -> torch.Tensor:
+    """Representatives ``P`` (``B, H, m, d``) of ``tokens`` (``B, H, N, d``): the pooled grid with the
+    extra representatives of ``extra`` around it (module docstring)."""
+    pooled = pool_patches(tokens, prefix, h, w, rep_grid)
+    lead, glob = extra_parts(extra, prefix)
+    if not lead and not glob:
+        return pooled
+    parts = [tokens[:, :, :lead]] if lead else []
+    parts.append(pooled)
+    if glob:
+        parts.append(tokens[:, :, prefix:].mean(dim=2, keepdim=True))
+    return torch.cat(parts, dim=2)
+
+
+def representatives_adjoint_(grad_tokens: torch.Tensor, grad: torch.Tensor, prefix: int, h: int, w: int,
+                             rep_grid: Tuple[int, int], extra: str = "none") -> torch.Tensor:
+    """Add the adjoint of :func:`representatives` applied to ``grad`` (``B, H, m, d``) to ``grad_tokens``
+    (``B, H, N, d``) in place, and return it: the tokens' gradient for an upstream gradient of ``P``."""
+    lead, glob = extra_parts(extra, prefix)
+    gh, gw = effective_grid(rep_grid, h, w)
+    pooled = grad[:, :, lead:lead + gh * gw]
+    if lead:
+        grad_tokens[:, :, :lead] += grad[:, :, :lead]
+    patch_grad = pool_patches_adjoint(pooled, h, w, rep_grid)
+    if glob:
+        patch_grad = patch_grad + grad[:, :, -1:] / (h * w)
+    grad_tokens[:, :, prefix:] += patch_grad
+    return grad_tokens

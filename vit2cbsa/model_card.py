@@ -196,6 +196,8 @@ def render_model_card(
             "variant": conv["variant"],
             "num_representatives": [gh, gw],
             "broadcast": conv["broadcast"],
+            "extra_representatives": conv.get("extra_representatives", "none"),
+            "prefix_broadcast": conv.get("prefix_broadcast", "all"),
             "converted_layers": layers,
             "input_size": list(cost.input_size),
             "flops": {"before": cost.flops_before, "after": cost.flops_after},
@@ -218,6 +220,8 @@ def render_model_card(
         "|---|---|",
         f"| variant | `{conv['variant']}` |",
         f"| representatives per head | {gh}x{gw} = {gh * gw} |",
+        f"| extra representatives | `{conv.get('extra_representatives', 'none')}` (prefix tokens read "
+        f"`{conv.get('prefix_broadcast', 'all')}`) |",
         f"| broadcast | `{conv['broadcast']}` |",
         f"| converted layers | {', '.join(map(str, layers))} |",
         f"| base architecture | {library} `{base['class']}`" + (f" (`{base['architecture']}`)" if base.get("architecture") else "") + " |",

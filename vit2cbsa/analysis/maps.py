@@ -1,14 +1,15 @@
 """Attention maps of original and converted layers, recomputed from captured ``q, k, v``.
 
-For a converted CBSA-type layer (see :mod:`vit2cbsa.attention.cbsa`), :func:`cbsa_maps` recomputes,
-from the ``q, k, v`` its mixer received and the mixer's parameters (no forward call)::
+For a converted CBSA-type layer (see :mod:`vit2cbsa.attention.cbsa`), :func:`cbsa_maps` reruns the
+mixer's own forward steps (:meth:`~vit2cbsa.attention.CBSAMixer.steps`) on the ``q, k, v`` it received::
 
-    P   = pool(Q[t:])                        pooled queries (m x d)
+    P   = [Q[:t]; pool(Q[t:])]               pooled queries (m x d) and the extra representatives
     A   = softmax(s e^a P K^T)               representative <- token: which tokens each representative gathers
     S   = softmax(s e^a P K_r^T)             contraction among representatives (m x m), K_r = A K
     C   = (I + gamma S) A V                  contracted representatives
     B   = softmax(s e^b Q K_r^T)             token <- representative (broadcast="key");
-          softmax(s e^b Q P^T) ("query"),  A^T / A^T 1 ("transpose")
+          softmax(s e^b Q P^T) ("query"),  A^T / A^T 1 ("transpose"); one-hot rows for prefix tokens
+          that read only their own representative
     out = kappa B C                          = the mixer's output
 
 so the whole layer is the linear operator ``out = kappa E V`` with ``E = B (I + gamma S) A``
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import TokenLayout, effective_grid
+from ..layout import TokenLayout, effective_grid, extra_parts
 from .capture import AttentionCapture, LayerRecord, LayerSpec
 
 CBSA_KINDS = ("cbsa", "contraction_free")
@@ -52,6 +53,8 @@ class CBSAMaps:
     prefix: int
     grid: Tuple[int, int]
     rep_grid: Tuple[int, int]  # effective representative grid (clamped to the patch grid)
+    lead: int = 0  # prefix tokens that are representatives 0 .. lead-1 (before the pooled grid)
+    has_global: bool = False  # a global representative after the pooled grid
 
     def operator(self) -> torch.Tensor:
         """``E = B (I + gamma S) A`` (``B x H x N x N``): ``out = kappa E V``."""
@@ -63,7 +66,7 @@ class CBSAMaps:
 
 def cbsa_maps(mixer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
               grid: Union[Tuple[int, int], TokenLayout]) -> CBSAMaps:
-    """Recompute ``A``, ``B`` (and ``S``, ``C``, the output) of a CBSA-type mixer from its inputs.
+    """``A``, ``B`` (and ``S``, ``C``, the output) of a CBSA-type mixer, from the mixer's own forward steps.
 
     Args:
         mixer: a :class:`~vit2cbsa.attention.CBSAMixer` or :class:`~vit2cbsa.attention.ContractionFreeMixer`.
@@ -73,31 +76,15 @@ def cbsa_maps(mixer: nn.Module, q: torch.Tensor, k: torch.Tensor, v: Optional[to
     if getattr(mixer, "variant", None) not in CBSA_KINDS:
         raise TypeError(f"cbsa_maps needs a CBSA-type mixer, got {type(mixer).__name__}")
     layout = grid if isinstance(grid, TokenLayout) else TokenLayout(tuple(grid))
-    prefix, h, w = layout.split(q.shape[-2])
+    geo = mixer.geometry(q.shape[-2], layout)
     with torch.no_grad():
-        p = mixer.representatives(q, layout)
-        s = mixer.scale
-        temp = mixer.log_temperature.detach().exp().to(q.dtype).view(2, 1, -1, 1, 1)
-        pq = p * temp[0]
-        a = torch.softmax((pq @ k.transpose(-2, -1)) * s, dim=-1)  # B H m N
-        k_r = a @ k
+        st = mixer.steps(q, k, k if v is None else v, layout)
+        k_r = st.kr if st.kr is not None else st.a @ k
         gamma = mixer.gamma.detach() if mixer.contraction else None
-        sm = torch.softmax((pq @ k_r.transpose(-2, -1)) * s, dim=-1) if mixer.contraction else None
-        if mixer.broadcast == "key":
-            b = torch.softmax(((q * temp[1]) @ k_r.transpose(-2, -1)) * s, dim=-1)
-        elif mixer.broadcast == "query":
-            b = torch.softmax(((q * temp[1]) @ p.transpose(-2, -1)) * s, dim=-1)
-        else:
-            at = a.transpose(-2, -1)
-            b = at / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
-        kappa = mixer.kappa.detach()
-        v_r = c = out = None
-        if v is not None:
-            v_r = a @ v
-            c = v_r if sm is None else v_r + gamma.view(1, -1, 1, 1).to(v_r.dtype) * (sm @ v_r)
-            out = (b @ c) * kappa.view(1, -1, 1, 1).to(c.dtype)
-    return CBSAMaps(a, b, sm, p, k_r, v_r, c, out, gamma, kappa, prefix, (h, w),
-                    effective_grid(mixer.rep_grid, h, w))
+        v_r, c, out = (None, None, None) if v is None else (st.vr, st.cc, st.out)
+    lead, glob = extra_parts(geo.extra, geo.prefix)
+    return CBSAMaps(st.a, st.bm, st.g, st.p, k_r, v_r, c, out, gamma, mixer.kappa.detach(), geo.prefix,
+                    (geo.h, geo.w), effective_grid(mixer.rep_grid, geo.h, geo.w), lead, glob)
 
 
 def attention_operator(rec: LayerRecord) -> torch.Tensor:
@@ -135,6 +122,17 @@ class LayerMaps:
     broadcast: Optional[np.ndarray] = None  # H x h x w x m: B of the patch tokens
     cls_broadcast: Optional[np.ndarray] = None  # H x m: B of the class token (mean over tokens if no prefix)
     rep_grid: Optional[Tuple[int, int]] = None
+    lead: int = 0  # representatives 0 .. lead-1 are prefix tokens
+    has_global: bool = False  # the last representative is the global one
+
+    def rep_name(self, i: int) -> str:
+        """``"cls"``/``"prefix j"``, ``"global"`` or ``"r{row},{col}"`` (pooling window) for representative ``i``."""
+        if i < self.lead:
+            return "cls" if i == 0 else f"prefix {i}"
+        if self.has_global and i == self.gather.shape[1] - 1:
+            return "global"
+        row, col = divmod(i - self.lead, self.rep_grid[1])
+        return f"r{row},{col}"
 
     @property
     def num_heads(self) -> int:
@@ -163,7 +161,7 @@ def layer_maps(rec: LayerRecord, image: int = 0) -> LayerMaps:
             gather=a[:, :, t:].reshape(nh, m, h, w).float().cpu().numpy(),
             broadcast=b[:, t:, :].reshape(nh, h, w, m).float().cpu().numpy(),
             cls_broadcast=_first_row(b, t).float().cpu().numpy(),
-            rep_grid=maps.rep_grid,
+            rep_grid=maps.rep_grid, lead=maps.lead, has_global=maps.has_global,
         )
     q, k, v = rec.qkv()
     sub = LayerRecord(rec.index, rec.name, rec.module, rec.kind, rec.num_heads, rec.x[image:image + 1], rec.grid,
@@ -225,7 +223,11 @@ def _peak(values: np.ndarray, uniform: float) -> str:
 
 
 def _top_representatives(lm: LayerMaps, head: int, count: int) -> List[int]:
-    weights = lm.cls_broadcast[head]
+    """The representatives the class token reads most; when it reads only its own (one-hot row), that one
+    first, then those the patches read most."""
+    weights = lm.cls_broadcast[head].astype(np.float64)
+    if weights.max() >= 1.0 - 1e-6:
+        weights = weights + lm.broadcast[head].mean(axis=(0, 1)) * 1e-3
     return [int(i) for i in np.argsort(-weights, kind="stable")[:count]]
 
 
@@ -294,15 +296,15 @@ def plot_explanation(
             continue
         sy, sx = size[0] / lm.grid[0], size[1] / lm.grid[1]
         top = _top_representatives(lm, head, num_reps)
-        gw = lm.rep_grid[1]
         for i in top:
             a = lm.gather[head, i]
             ax[col].axis("on")
             _overlay(ax[col], img, upsample(a, size, mode),
-                     f"gather A[r{i // gw},{i % gw}] (B_cls {lm.cls_broadcast[head, i]:.2f})\n{_peak(a, unif_tok)}")
-            r0, r1, c0, c1 = rep_window(i, lm.rep_grid, lm.grid)
-            ax[col].add_patch(Rectangle((c0 * sx - 0.5, r0 * sy - 0.5), (c1 - c0) * sx, (r1 - r0) * sy,
-                                        fill=False, edgecolor="cyan", linewidth=1.2))
+                     f"gather A[{lm.rep_name(i)}] (B_cls {lm.cls_broadcast[head, i]:.2f})\n{_peak(a, unif_tok)}")
+            if lm.rep_name(i).startswith("r"):  # a pooled representative: box its window
+                r0, r1, c0, c1 = rep_window(i - lm.lead, lm.rep_grid, lm.grid)
+                ax[col].add_patch(Rectangle((c0 * sx - 0.5, r0 * sy - 0.5), (c1 - c0) * sx, (r1 - r0) * sy,
+                                            fill=False, edgecolor="cyan", linewidth=1.2))
             col += 1
         col = ncols - 2
         i = top[0]
@@ -310,7 +312,7 @@ def plot_explanation(
         bmap = lm.broadcast[head, :, :, i]
         ax[col].axis("on")
         _overlay(ax[col], img, upsample(bmap, size, mode),
-                 f"broadcast B[:, r{i // gw},{i % gw}]\n{_peak(bmap, 1.0 / m)}", cmap="viridis")
+                 f"broadcast B[:, {lm.rep_name(i)}]\n{_peak(bmap, 1.0 / m)}", cmap="viridis")
         assign = lm.broadcast[head].argmax(-1)  # h x w
         ax[ncols - 1].axis("on")
         ax[ncols - 1].imshow(img)

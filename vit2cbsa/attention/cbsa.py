@@ -3,7 +3,8 @@
 Per head (``Q, K, V``: ``N x d`` from the layer's pretrained projections, ``s = d^-1/2``,
 ``m`` representatives, the first ``t`` tokens are prefix tokens)::
 
-    1. initialise   P   = pool(Q[t:])                       m x d   (pooled queries on the grid)
+    1. initialise   P   = [Q[:t]; pool(Q[t:])]              m x d   (pooled queries on the grid, and
+                                                                     extra ones: vit2cbsa.layout)
     2. extract      A   = softmax(s e^a P K^T)              m x N   (softmax over all N tokens)
                     K_r = A K,   V_r = A V                  m x d   (representatives)
     3. contract     C   = V_r + gamma * softmax(s e^a P K_r^T) V_r  (m x m, among representatives)
@@ -11,6 +12,12 @@ Per head (``Q, K, V``: ``N x d`` from the layer's pretrained projections, ``s = 
                     B   = softmax(s e^b Q K_r^T)      broadcast="key"       (default)
                     B   = softmax(s e^b Q P^T)        broadcast="query"     (Agent Attention)
                     B   = A^T / (A^T 1)               broadcast="transpose" (the paper's A^T)
+                    B_i = e_i  for prefix token i when it is representative i and prefix_broadcast="own"
+
+With the prefix tokens as representatives (the default of ``vit2cbsa.convert``) and ``prefix_broadcast="own"``,
+prefix token ``i`` gets ``kappa C_i``: at conversion (``gamma = 0``, ``kappa = 1``, ``a = 0``) that is
+``softmax(s q_i K^T) V``, the pretrained layer's own output for the class token, exactly; the patch
+tokens are approximated through the representatives (and read the prefix representatives too).
 
 ``gamma`` (contraction step) and ``kappa`` (broadcast step) are learnable per head, with
 unconstrained sign; ``gamma`` starts at 0, so a freshly converted CBSA layer is exactly its
@@ -46,10 +53,11 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..layout import TokenLayout, pool_patches
-from .cbsa_explicit import ExplicitCBSA, flat_heads, forward_steps
+from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, representatives
+from .cbsa_explicit import ExplicitCBSA, Geometry, flat_heads, forward_steps
 
 BROADCASTS = ("key", "query", "transpose")
+PREFIX_BROADCASTS = ("own", "all")
 
 
 class CBSAMixer(nn.Module):
@@ -58,9 +66,12 @@ class CBSAMixer(nn.Module):
     Args:
         num_heads: number of heads ``H``.
         head_dim: width ``d`` of a head.
-        rep_grid: representative grid ``(gh, gw)``; ``m = gh * gw``.
+        rep_grid: pooled representative grid ``(gh, gw)``; ``m = gh * gw`` plus the extra ones.
         broadcast: how representatives are broadcast back to the tokens (see module docstring).
         scale: attention scale; defaults to ``head_dim ** -0.5`` as in the pretrained layer.
+        extra_representatives: ``"prefix"``, ``"global"`` or ``"none"`` (:mod:`vit2cbsa.layout`).
+        prefix_broadcast: ``"own"``: a prefix token that is a representative reads back only its own
+            representative (its broadcast row is one-hot); ``"all"``: like every other token.
     """
 
     contraction: bool = True
@@ -78,10 +89,18 @@ class CBSAMixer(nn.Module):
         rep_grid: Tuple[int, int],
         broadcast: str = "key",
         scale: float | None = None,
+        extra_representatives: str = "none",
+        prefix_broadcast: str = "all",
     ) -> None:
         super().__init__()
         if broadcast not in BROADCASTS:
             raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}")
+        if extra_representatives not in EXTRA_REPRESENTATIVES:
+            raise ValueError(f"extra_representatives must be one of {EXTRA_REPRESENTATIVES}, got {extra_representatives!r}")
+        if prefix_broadcast not in PREFIX_BROADCASTS:
+            raise ValueError(f"prefix_broadcast must be one of {PREFIX_BROADCASTS}, got {prefix_broadcast!r}")
+        self.extra_representatives = extra_representatives
+        self.prefix_broadcast = prefix_broadcast
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.rep_grid = (int(rep_grid[0]), int(rep_grid[1]))
@@ -95,26 +114,37 @@ class CBSAMixer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"heads={self.num_heads}, head_dim={self.head_dim}, representatives={self.rep_grid[0]}x"
-            f"{self.rep_grid[1]}, broadcast={self.broadcast!r}, contraction={self.contraction}"
+            f"{self.rep_grid[1]}, extra_representatives={self.extra_representatives!r}, broadcast={self.broadcast!r}, "
+            f"prefix_broadcast={self.prefix_broadcast!r}, contraction={self.contraction}"
         )
 
     def representatives(self, q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Step 1: pooled queries ``P`` (``B x H x m x d``)."""
+        """Step 1: pooled queries with the extra representatives, ``P`` (``B x H x m x d``)."""
         prefix, h, w = layout.split(q.shape[-2])
-        return pool_patches(q, prefix, h, w, self.rep_grid)
+        return representatives(q, prefix, h, w, self.rep_grid, self.extra_representatives)
+
+    def geometry(self, num_tokens: int, layout: TokenLayout) -> Geometry:
+        """The :class:`~vit2cbsa.attention.cbsa_explicit.Geometry` of an input of ``num_tokens`` tokens."""
+        prefix, h, w = layout.split(num_tokens)
+        return Geometry(prefix, h, w, self.rep_grid, self.broadcast, self.extra_representatives,
+                        self.prefix_broadcast == "own")
+
+    def step_sizes(self, dtype: torch.dtype):
+        """``(t0, t1, gamma, kappa)``: scaled temperatures and steps, one number per head each."""
+        t = self.log_temperature.exp().to(dtype) * self.scale
+        gamma = self.gamma.to(dtype) if self.contraction else None
+        return t[0], t[1], gamma, self.kappa.to(dtype)
+
+    def steps(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout):
+        """Every forward step (:class:`~vit2cbsa.attention.cbsa_explicit.Steps`), for analysis."""
+        return forward_steps(q, k, v, *self.step_sizes(q.dtype), self.geometry(q.shape[-2], layout))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        prefix, h, w = layout.split(q.shape[-2])
-        t = self.log_temperature.exp().to(q.dtype) * self.scale
-        gamma = self.gamma.to(q.dtype) if self.contraction else None
-        args = (t[0], t[1], gamma, self.kappa.to(q.dtype), prefix, h, w, self.rep_grid, self.broadcast)
+        geo = self.geometry(q.shape[-2], layout)
+        args = self.step_sizes(q.dtype)
         stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
         if stores_graph and self.broadcast != "transpose":
-            return ExplicitCBSA.apply(flat_heads(q), flat_heads(k), flat_heads(v), *args, self.recompute)
+            return ExplicitCBSA.apply(flat_heads(q), flat_heads(k), flat_heads(v), *args, geo, self.recompute)
         # inference (or any graph autograd records here: the transpose broadcast, which needs A itself);
         # strided heads as they come (measured faster for inference at batch 8 than flattening them first)
-        _, _, a, _, _, _, _, c, _, bm = forward_steps(q, k, v, *args)
-        if bm is not None:
-            return bm @ c
-        at = a.transpose(-2, -1)  # B H N m
-        return (at @ c) / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
+        return forward_steps(q, k, v, *args, geo).out

@@ -2,7 +2,7 @@
 
 Forward, per head (``t0 = s e^a``, ``t1 = s e^b``: scale times temperatures; ``q`` is ``N x d``)::
 
-    P  = pool(q[t:])            Pe = t0 P                                   m x d
+    P  = reps(q)                Pe = t0 P                                   m x d
     A  = softmax(Pe k^T)        Kr = A k,  Vr = A v                         m x N,  m x d
     G  = softmax(Pe Kr^T)       Cc = Vr + gamma G Vr    (Cc = Vr without contraction)
     C  = kappa Cc               Kb = Kr (broadcast="key") or P ("query"),   Ks = t1 Kb
@@ -19,7 +19,10 @@ Backward, for the upstream gradient ``dO`` (``softmax'(S, dS) = S * (dS - rowsum
     dKr += dKb (key)            dA  = dVr v^T + dKr k^T
     dv  = A^T dVr               dk  = A^T dKr + dSa^T Pe,   dSa = softmax'(A, dA)
     dPe += dSa k                dt0 = <dPe, P>        dP = t0 dPe (+ dKb for "query")
-    dq[t:] += pool^T(dP)
+    dq += reps^T(dP)
+
+(``reps``: the pooled patch grid with the extra representatives, :func:`vit2cbsa.layout.representatives`;
+``reps^T`` its adjoint.)
 
 (``<X, Y>`` sums the elementwise product per head.) Autograd through the same forward adds a node,
 and often an expand or a reduction, for every broadcast parameter product and pooling matmul; at ``N``
@@ -32,12 +35,12 @@ larger than one are copied once, not once per matmul.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..layout import pool_patches, pool_patches_adjoint
+from ..layout import extra_parts, representatives, representatives_adjoint_
 
 
 def flat_heads(x: torch.Tensor) -> torch.Tensor:
@@ -52,29 +55,80 @@ def _per_head(x: torch.Tensor) -> torch.Tensor:
     return x.view(1, -1, 1, 1)
 
 
-def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix: int, h: int, w: int,
-                  rep_grid: Tuple[int, int], broadcast: str):
-    """``P, Pe, A, Vr, Kr, G, Cc, C, Ks, Bm`` of the module docstring (``B x H x rows x cols``).
+class Geometry(NamedTuple):
+    """Where the representatives come from and how they are broadcast, for one input."""
 
-    ``t0, t1, gamma, kappa`` hold one number per head (``gamma=None``: no contraction); ``Kr`` is
-    ``None`` when neither the contraction nor the broadcast needs it, ``Ks, Bm`` for ``"transpose"``.
-    Differentiable by autograd; :class:`ExplicitCBSA` calls it without a graph."""
+    prefix: int  # prefix tokens t
+    h: int  # patch grid
+    w: int
+    rep_grid: Tuple[int, int]  # pooled representative grid (clamped to the patch grid when pooling)
+    broadcast: str  # "key", "query" or "transpose"
+    extra: str = "none"  # extra representatives: "prefix", "global" or "none" (vit2cbsa.layout)
+    own_prefix: bool = False  # prefix tokens that are representatives read back only their own
+
+    @property
+    def own_rows(self) -> int:
+        """Leading tokens whose broadcast row is one-hot on their own representative."""
+        return extra_parts(self.extra, self.prefix)[0] if self.own_prefix else 0
+
+
+class Steps(NamedTuple):
+    """The forward steps of the module docstring (``B x H x rows x cols``)."""
+
+    p: torch.Tensor  # m x d representatives
+    pe: torch.Tensor  # t0 P
+    a: torch.Tensor  # m x N extraction
+    vr: torch.Tensor  # m x d representative values
+    kr: Optional[torch.Tensor]  # m x d representative keys (None when neither contraction nor broadcast needs it)
+    g: Optional[torch.Tensor]  # m x m contraction attention (None without contraction)
+    cc: torch.Tensor  # contracted representatives, before kappa
+    c: torch.Tensor  # kappa Cc
+    ks: Optional[torch.Tensor]  # t1 Kb (None for "transpose")
+    bm: torch.Tensor  # N x m broadcast weights
+
+    @property
+    def out(self) -> torch.Tensor:
+        return self.bm @ self.c
+
+
+def _eye_rows(rows: int, like: torch.Tensor) -> torch.Tensor:
+    """``B x H x rows x m`` one-hot rows on representatives ``0 .. rows-1`` (``like``: ``B x H x * x m``)."""
+    b, nh, _, m = like.shape
+    return torch.eye(rows, m, dtype=like.dtype, device=like.device).expand(b, nh, rows, m)
+
+
+def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Geometry) -> Steps:
+    """The forward steps of the module docstring on ``q, k, v`` (``B x H x N x d``).
+
+    ``t0, t1, gamma, kappa`` hold one number per head (``gamma=None``: no contraction). Differentiable by
+    autograd; :class:`ExplicitCBSA` calls it without a graph. With ``geo.own_prefix`` the broadcast rows
+    of the prefix tokens that are representatives are one-hot on their own representative (a one-hot
+    softmax row has zero gradient, so the hand-written backward needs no other change)."""
     T0, T1, KAP = _per_head(t0), _per_head(t1), _per_head(kappa)
-    p = pool_patches(q, prefix, h, w, rep_grid)
+    p = representatives(q, geo.prefix, geo.h, geo.w, geo.rep_grid, geo.extra)
     pe = p * T0
     a = torch.softmax(pe @ k.transpose(-2, -1), dim=-1)
     vr = a @ v
-    kr = a @ k if broadcast == "key" or gamma is not None else None
+    kr = a @ k if geo.broadcast == "key" or gamma is not None else None
     g, cc = None, vr
     if gamma is not None:
         g = torch.softmax(pe @ kr.transpose(-2, -1), dim=-1)
         cc = vr + _per_head(gamma) * (g @ vr)
     c = cc * KAP
-    if broadcast == "transpose":
-        return p, pe, a, vr, kr, g, cc, c, None, None
-    ks = (kr if broadcast == "key" else p) * T1
-    bm = torch.softmax(q @ ks.transpose(-2, -1), dim=-1)
-    return p, pe, a, vr, kr, g, cc, c, ks, bm
+    own = geo.own_rows
+    if geo.broadcast == "transpose":
+        at = a.transpose(-2, -1)  # B H N m
+        bm = at / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
+        if own:
+            bm = torch.cat([_eye_rows(own, bm), bm[:, :, own:]], dim=2)
+        return Steps(p, pe, a, vr, kr, g, cc, c, None, bm)
+    ks = (kr if geo.broadcast == "key" else p) * T1
+    if own:  # the prefix rows are one-hot, not computed
+        rest = torch.softmax(q[:, :, own:] @ ks.transpose(-2, -1), dim=-1)
+        bm = torch.cat([_eye_rows(own, rest), rest], dim=2)
+    else:
+        bm = torch.softmax(q @ ks.transpose(-2, -1), dim=-1)
+    return Steps(p, pe, a, vr, kr, g, cc, c, ks, bm)
 
 
 def _without_autocast(device_type: str):
@@ -99,13 +153,12 @@ class ExplicitCBSA(torch.autograd.Function):
     reruns the forward steps there; ``False`` keeps ``A``, ``B`` and the ``m x d`` intermediates."""
 
     @staticmethod
-    def forward(ctx, q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, prefix: int, h: int, w: int,
-                rep_grid: Tuple[int, int], broadcast: str, recompute: bool):
-        ctx.geometry = (prefix, h, w, rep_grid, broadcast)
+    def forward(ctx, q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Geometry, recompute: bool):
+        ctx.geometry = geo
         # in q's dtype throughout, as the backward (which runs outside autocast) recomputes them
         with _without_autocast(q.device.type):
-            steps = forward_steps(q, k, v, t0, t1, gamma, kappa, prefix, h, w, rep_grid, broadcast)
-            out = steps[9] @ steps[7]  # B C
+            steps = forward_steps(q, k, v, t0, t1, gamma, kappa, geo)
+            out = steps.out
         ctx.save_for_backward(q, k, v, t0, t1, gamma, kappa, *(() if recompute else steps))
         return out
 
@@ -113,9 +166,10 @@ class ExplicitCBSA(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, t0, t1, gamma, kappa, *steps = ctx.saved_tensors
-        prefix, h, w, rep_grid, broadcast = ctx.geometry
+        geo = ctx.geometry
+        broadcast = geo.broadcast
         if not steps:
-            steps = forward_steps(q, k, v, t0, t1, gamma, kappa, prefix, h, w, rep_grid, broadcast)
+            steps = forward_steps(q, k, v, t0, t1, gamma, kappa, geo)
         p, pe, a, vr, kr, g, cc, c, ks, bm = steps
         del steps  # below, each m x N temporary is dropped after its last use
         T0, T1, KAP = _per_head(t0), _per_head(t1), _per_head(kappa)
@@ -162,5 +216,5 @@ class ExplicitCBSA(torch.autograd.Function):
         dp = dpe * T0
         if broadcast != "key":
             dp = dp + dkb
-        dq[:, :, prefix:] += pool_patches_adjoint(dp, h, w, rep_grid)
-        return dq, dk, dv, dt0, dt1, dgamma, dkappa, None, None, None, None, None, None
+        representatives_adjoint_(dq, dp, geo.prefix, geo.h, geo.w, geo.rep_grid, geo.extra)
+        return dq, dk, dv, dt0, dt1, dgamma, dkappa, None, None

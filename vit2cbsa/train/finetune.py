@@ -78,6 +78,8 @@ class FinetuneConfig:
     representatives: Union[int, Tuple[int, int]] = 64
     layers: Optional[str] = None                # "6:" (a slice), "0,2,4", "-1"; None = all
     broadcast: str = "key"
+    extra_representatives: str = "prefix"       # "prefix" | "global" | "none"
+    prefix_broadcast: str = "own"               # "own" | "all"
     # data
     train_split: Optional[str] = None
     eval_split: Optional[str] = None
@@ -369,7 +371,8 @@ class _Run:
         self.original = lm.model.eval().requires_grad_(False)
         try:
             self.student = convert(copy.deepcopy(self.original), c.variant, parse_representatives(c.representatives),
-                                   parse_layers(c.layers), broadcast=c.broadcast)
+                                   parse_layers(c.layers), broadcast=c.broadcast,
+                                   extra_representatives=c.extra_representatives, prefix_broadcast=c.prefix_broadcast)
         except (TypeError, ValueError) as e:
             raise UsageError(f"convert: {_one_line(e)}") from None
         if "finetune" in self.stages and c.lora_rank > 0:
