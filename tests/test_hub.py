@@ -192,6 +192,7 @@ def test_saved_folder_layout_and_config(tmp_path):
     assert config["library_version"] == vit2cbsa.__version__
     assert config["conversion"]["variant"] == "cbsa" and config["conversion"]["num_representatives"] == [2, 2]
     assert config["conversion"]["broadcast"] == "key" and config["conversion"]["converted_layers"] == [0, 1]
+    assert config["conversion"]["extra_representatives"] == "prefix" and config["conversion"]["prefix_broadcast"] == "own"
     base = config["base"]
     assert base["library"] == "timm" and base["architecture"] == "vit_tiny_patch16_224"
     assert base["model_kwargs"]["img_size"] == [32, 32] and base["model_kwargs"]["depth"] == 2
@@ -202,6 +203,27 @@ def test_saved_folder_layout_and_config(tmp_path):
     assert any(k.endswith("attn.mixer.kappa") for k in model.state_dict())
     # the reloaded timm model keeps timm's data config
     assert from_pretrained(folder).pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+
+
+def test_version_1_folder_loads_as_the_pooled_grid_only(tmp_path):
+    """Folders written before extra representatives existed (format 1, no such keys) meant the pooled grid
+    alone: they load as extra_representatives="none", prefix_broadcast="all", with the outputs of that model."""
+    torch.manual_seed(0)
+    model = vit2cbsa.convert(FAMILIES["timm_vit"][0](), "cbsa", 4, extra_representatives="none", prefix_broadcast="all")
+    folder = save_pretrained(model, tmp_path / "v1")
+
+    def as_version_1(c):
+        c["format_version"] = 1
+        for key in ("extra_representatives", "prefix_broadcast"):
+            del c["conversion"][key]
+
+    _rewrite_config(folder, as_version_1)
+    loaded = from_pretrained(folder)
+    info = loaded.vit2cbsa_info
+    assert (info.extra_representatives, info.prefix_broadcast) == ("none", "all")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
 
 
 def test_hf_folder_has_transformers_config(tmp_path):
@@ -415,6 +437,8 @@ CORRUPTIONS = {
                         r"unknown attention variant 'cbsa_v9'"),
     "unknown_broadcast": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(broadcast="sideways")),
                           r"unknown broadcast 'sideways'"),
+    "unknown_extra": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(extra_representatives="all")),
+                      r"unknown extra_representatives 'all'"),
     "layers_out_of_range": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(converted_layers=[5])),
                             r"does not apply .*layer index 5 is out of range"),
     "unsafe_file_name": (lambda f: _rewrite_config(f, lambda c: c["files"].update({"../elsewhere": {"size": 1, "sha256": ""}})),
