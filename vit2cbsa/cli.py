@@ -273,7 +273,7 @@ def _one_line(e: BaseException, limit: int = 240) -> str:
 def _conversion_options(args: argparse.Namespace) -> dict:
     return {"variant": args.variant or "cbsa",
             "num_representatives": args.representatives if args.representatives is not None else 64,
-            "layers": args.layers, "broadcast": args.broadcast or "key",
+            "layers": args.layers, "broadcast": args.broadcast or "query",
             "extra_representatives": args.extra_representatives or "prefix",
             "prefix_broadcast": args.prefix_broadcast or "own"}
 
@@ -377,7 +377,7 @@ def _add_conversion_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=parse_layers, default=None, metavar="SPEC",
                    help="attention layers to convert, in block order: all, 3, 0,1,2 or 6: (default: all)")
     g.add_argument("--broadcast", choices=list(BROADCASTS), default=None,
-                   help="how representatives are broadcast back to tokens (default: key)")
+                   help="how representatives are broadcast back to tokens (default: query)")
     g.add_argument("--extra-representatives", choices=list(EXTRA_REPRESENTATIVES), default=None,
                    help="representatives next to the pooled grid: prefix (each class/register token its own, "
                         "default), global (the mean of the patch queries) or none")

@@ -149,7 +149,7 @@ def convert(
     num_representatives: GridLike = 64,
     layers: LayerSelector = None,
     *,
-    broadcast: str = "key",
+    broadcast: str = "query",
     extra_representatives: str = "prefix",
     prefix_broadcast: str = "own",
     inplace: bool = True,
@@ -170,9 +170,10 @@ def convert(
         layers: which attention layers to convert, indexed in block order: ``None`` (all), an int,
             a sequence of ints (negative allowed), a ``slice`` (``slice(6, None)`` = the paper's
             hybrid with the first half kept softmax), or a predicate ``f(index, name, module)``.
-        broadcast: how representatives are broadcast back to tokens: ``"key"`` (softmax over
-            extracted representative keys, default), ``"query"`` (over pooled queries, Agent
-            Attention) or ``"transpose"`` (the paper's ``A^T``).
+        broadcast: how representatives are broadcast back to tokens: ``"query"`` (softmax over the
+            representatives' queries, Agent Attention; default: the best zero-shot accuracy with the prefix
+            representatives, ``benchmarks/representatives.py``), ``"key"`` (over the extracted
+            representative keys) or ``"transpose"`` (the paper's ``A^T``).
         extra_representatives: representatives next to the pooled grid: ``"prefix"`` (default: each
             prefix token -- class, distillation, register tokens -- is its own representative; a model
             without prefix tokens gets none), ``"global"`` (one more: the mean of the patch queries) or

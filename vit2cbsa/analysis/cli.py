@@ -84,7 +84,7 @@ def build_explain_parser(prog: str = "vit2cbsa explain") -> argparse.ArgumentPar
     g = p.add_argument_group("on-the-fly conversion (MODEL:VARIANT)")
     g.add_argument("--representatives", type=_parse_grid, default=64, metavar="N|HxW",
                    help="representatives per head (default: 64 = 8x8)")
-    g.add_argument("--broadcast", choices=list(BROADCASTS), default="key", help="broadcast (default: key)")
+    g.add_argument("--broadcast", choices=list(BROADCASTS), default="query", help="broadcast (default: query)")
     g.add_argument("--no-reference", action="store_true", help="do not show the original model's maps")
     p.add_argument("--num-reps", type=int, default=3, metavar="K",
                    help="gather maps shown per head: the K representatives the class token uses most (default: 3)")
@@ -124,7 +124,7 @@ def _load_timm(name: str) -> nn.Module:
         raise ExplainError(f"cannot build timm model {name!r}: {' '.join(str(e).split())[:200]}") from e
 
 
-def load_model(spec: str, representatives: Any = 64, broadcast: str = "key") -> dict:
+def load_model(spec: str, representatives: Any = 64, broadcast: str = "query") -> dict:
     """Resolve MODEL: ``{"model", "reference" (original, or None), "config", "processor", "classes"}``."""
     from ..convert import convert, is_converted
 

@@ -77,7 +77,7 @@ class FinetuneConfig:
     variant: str = "cbsa"
     representatives: Union[int, Tuple[int, int]] = 64
     layers: Optional[str] = None                # "6:" (a slice), "0,2,4", "-1"; None = all
-    broadcast: str = "key"
+    broadcast: str = "query"
     extra_representatives: str = "prefix"       # "prefix" | "global" | "none"
     prefix_broadcast: str = "own"               # "own" | "all"
     # data
