@@ -627,8 +627,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"**Recovery of the CIFAR-10 teacher** (ViT, 6 blocks, {t['num_params'] / 1e6:.2f}M params; "
         f"teacher accuracy {pct(t['accuracy_measured'])}% re-measured on {t['test_images']:,} test images, "
-        f"{pct(t['accuracy_from_config'])}% in its config). Converted models: {s['representatives']} representatives "
-        f"(4x4 grid on the 8x8 patch grid), extra representatives `{s.get('extra_representatives', 'none')}` "
+        f"{pct(t['accuracy_from_config'])}% in its config). Converted models: {s['representatives']} pooled representatives "
+        f"(on the 8x8 patch grid), extra representatives `{s.get('extra_representatives', 'none')}` "
         f"(prefix tokens read `{s.get('prefix_broadcast', 'all')}`), broadcast `{s.get('broadcast', 'key')}`; batch {s['batch_size']}, seed {s['seed']}, distillation weight "
         f"{s['distill_weight']} (KL to the original's logits, T=2); alignment lr {s['align_lr']}, fine-tuning lr {s['lr']} "
         f"(LoRA: {s['lora_lr']}), AdamW, 5% warm-up + cosine; "

@@ -20,8 +20,8 @@ pass (``vit2cbsa.measure.count_flops``) at 32x32 and of ViT-S/16 (random weights
     .venv/bin/python benchmarks/representatives.py                  # ~20 min on 2 threads
     .venv/bin/python benchmarks/representatives.py --limit 500 --grids 2x2,4x4 --no-vit-s  # quick look
 
-Writes ``benchmarks/results/representatives.json`` and ``representatives.png`` (accuracy against FLOPs, one
-curve per broadcast and extra-representative choice).
+Writes ``benchmarks/results/representatives.json``, ``representatives.md`` (the tables) and ``representatives.png``
+(accuracy against FLOPs, one curve per design). ``--from-json FILE`` rewrites the table and plot from a result.
 """
 
 from __future__ import annotations
@@ -118,7 +118,13 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--no-vit-s", action="store_true", help="skip the ViT-S/16 FLOP counts at 224 and 1024")
+    ap.add_argument("--from-json", type=Path, default=None, help="only rewrite the .md and .png of this result")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        (args.from_json.parent / "representatives.md").write_text(markdown(result))
+        plot(result, args.from_json.parent / "representatives.png")
+        return
     torch.set_num_threads(args.threads)
     plan = [(g, d) for g in grids_of(args.grids) for d in args.designs.split(",")]
     plan += [(g, d) for g in grids_of(args.more_grids) for d in args.more_designs.split(",")]
@@ -163,8 +169,38 @@ def main(argv=None) -> None:
     result = {"command": "python benchmarks/representatives.py" + ("" if argv is None else " " + " ".join(argv)),
               "test_images": len(y), "teacher_accuracy": teacher_acc, "rows": rows, "vit_s_flops": vit_s}
     (args.out / "representatives.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "representatives.md").write_text(markdown(result))
     plot(result, args.out / "representatives.png")
     log(f"wrote {args.out / 'representatives.json'}")
+
+
+def markdown(result: dict) -> str:
+    """Zero-shot accuracy (feature cosine) per grid and design, and ViT-S/16 GFLOPs per grid."""
+    rows = [r for r in result["rows"] if r["variant"] == "contraction_free"]
+    designs = list(dict.fromkeys(r["design"] for r in rows))
+    grids = sorted({tuple(r["grid"]) for r in rows}, key=lambda g: g[0] * g[1])
+    cell = {(tuple(r["grid"]), r["design"]): r for r in rows}
+    orig, lin = result["rows"][0], next((r for r in result["rows"] if r["variant"] == "linear"), None)
+    out = [f"Zero-shot top-1 % (feature cosine) of the converted CIFAR-10 teacher on {result['test_images']:,} test "
+           f"images; original {100 * orig['accuracy']:.2f}%" + (f", linear {100 * lin['accuracy']:.2f}% "
+                                                                   f"({lin['feature_cosine']:.3f})" if lin else "") + ".",
+           "", "| pooled grid | " + " | ".join(f"`{d}`" for d in designs) + " |",
+           "|---|" + "---:|" * len(designs)]
+    for g in grids:
+        vals = [cell.get((g, d)) for d in designs]
+        out.append(f"| {g[0]}x{g[1]} | " + " | ".join(
+            "–" if v is None else f"{100 * v['accuracy']:.2f} ({v['feature_cosine']:.3f})" for v in vals) + " |")
+    vit_s = result.get("vit_s_flops") or []
+    if vit_s:
+        out += ["", "ViT-S/16 GFLOPs of one image (`contraction_free`; `cbsa` adds the m x m contraction):", "",
+                "| pooled grid | design | 224 | 1024 |", "|---|---|---:|---:|"]
+        by = {}
+        for r in vit_s:
+            key = ("original", "") if r["variant"] == "original" else (f"{r['grid'][0]}x{r['grid'][1]}", r["design"])
+            by.setdefault(key, {})[r["resolution"]] = r["flops"] / 1e9
+        for (g, d), f in by.items():
+            out.append(f"| {g} | {d and '`' + d + '`'} | {f.get(224, float('nan')):.2f} | {f.get(1024, float('nan')):.1f} |")
+    return "\n".join(out) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:

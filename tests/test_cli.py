@@ -134,7 +134,7 @@ def test_inspect_timm_name_at_a_resolution(capsys):
     report = json.loads(out)
     assert report["input_size"] == [3, 32, 48] and report["patch_grid"] == [2, 3]
     assert report["num_tokens"] == 7 and report["num_prefix_tokens"] == 1
-    assert report["conversion"] == {"variant": "cbsa", "num_representatives": [2, 2], "broadcast": "key",
+    assert report["conversion"] == {"variant": "cbsa", "num_representatives": [2, 2], "broadcast": "query",
                                     "extra_representatives": "prefix", "prefix_broadcast": "own",
                                     "converted_layers": [6, 7, 8, 9, 10, 11]}
     layers = report["attention_layers"]

@@ -191,7 +191,7 @@ def test_saved_folder_layout_and_config(tmp_path):
     config = read_config(folder)
     assert config["library_version"] == vit2cbsa.__version__
     assert config["conversion"]["variant"] == "cbsa" and config["conversion"]["num_representatives"] == [2, 2]
-    assert config["conversion"]["broadcast"] == "key" and config["conversion"]["converted_layers"] == [0, 1]
+    assert config["conversion"]["broadcast"] == "query" and config["conversion"]["converted_layers"] == [0, 1]
     assert config["conversion"]["extra_representatives"] == "prefix" and config["conversion"]["prefix_broadcast"] == "own"
     base = config["base"]
     assert base["library"] == "timm" and base["architecture"] == "vit_tiny_patch16_224"
