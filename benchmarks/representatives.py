@@ -37,7 +37,7 @@ import torch
 import vit2cbsa
 from vit2cbsa import zoo
 from vit2cbsa.measure import count_flops, feature_cosine
-from vit2cbsa.specs import parse_grid
+from vit2cbsa.specs import parse_design, parse_grid
 from vit2cbsa.train.data import load_image_data, subset_indices, teacher_transforms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,13 +80,6 @@ def features_logits(model, x, batch=500):
 
 DESIGNS = ("none/key", "none/query", "none/transpose", "prefix-all/key", "prefix-all/query", "prefix-own/key",
            "prefix-own/query", "prefix-own/transpose", "global/key", "global/query")
-
-
-def parse_design(design: str) -> dict:
-    """``"prefix-own/query"`` -> the ``convert`` options it names."""
-    extra, broadcast = design.split("/")
-    extra, _, prefix_broadcast = extra.partition("-")
-    return {"extra_representatives": extra, "prefix_broadcast": prefix_broadcast or "all", "broadcast": broadcast}
 
 
 def grids_of(text: str):

@@ -40,6 +40,7 @@ import torch
 
 import vit2cbsa
 from vit2cbsa.measure import count_flops, paired_ratio_quartiles, time_repeats, time_side_by_side
+from vit2cbsa.specs import parse_design
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,6 +50,12 @@ def parse_res(text: str):
     return int(h), int(w or h)
 
 
+def convert_variant(orig, variant: str, reps: int):
+    """A converted copy of ``orig``; ``variant`` may name a representative design: ``cbsa@none/key``."""
+    name, _, design = variant.partition("@")
+    return vit2cbsa.convert(orig, name, reps, inplace=False, **(parse_design(design) if design else {}))
+
+
 def build(name: str, res, variants, reps: int, device, dtype, recompute: bool = True):
     import timm
 
@@ -56,7 +63,7 @@ def build(name: str, res, variants, reps: int, device, dtype, recompute: bool = 
     orig = timm.create_model(name, pretrained=False, img_size=res).to(device=device, dtype=dtype)
     models = {"original": orig}
     for v in variants:
-        models[v] = vit2cbsa.convert(orig, v, reps, inplace=False)
+        models[v] = convert_variant(orig, v, reps)
         for mixer in models[v].modules():
             if hasattr(mixer, "recompute"):  # CBSA-type mixers: keep A, B for backward instead
                 mixer.recompute = recompute
@@ -188,7 +195,7 @@ def attention_scaling(name, args, device, dtype):
     orig = timm.create_model(name, pretrained=False, dynamic_img_size=True, depth=1).to(device=device, dtype=dtype)
     layers = {"original": orig.blocks[0].attn.eval()}
     for v in args.variants:
-        conv = vit2cbsa.convert(orig, v, args.representatives, inplace=False)
+        conv = convert_variant(orig, v, args.representatives)
         layers[v] = (conv.blocks[0].attn.eval(), vit2cbsa.layout_of(conv))
     sides = [8, 12, 16] if args.quick else [16, 24, 32, 48, 64]
     times = {k: [] for k in layers}
@@ -302,7 +309,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
     ap.add_argument("--resolutions", nargs="+", default=["224", "384", "512", "768", "1024", "512x1024"])
-    ap.add_argument("--variants", nargs="+", default=["cbsa", "contraction_free", "linear"])
+    ap.add_argument("--variants", nargs="+", default=["cbsa", "contraction_free", "linear"],
+                    help="variants, optionally with a representative design: cbsa@none/key (see vit2cbsa.specs)")
     ap.add_argument("--representatives", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)

@@ -5,12 +5,14 @@ the same two specs; each parses them here and wraps the ``ValueError`` into its 
 
 * representatives: ``"64"`` -> ``64`` (a square count, an 8x8 grid), ``"8x4"`` / ``"8,4"`` -> ``(8, 4)``;
 * layers: ``"all"`` / ``""`` -> ``None`` (every attention layer), ``"3"`` -> ``[3]``, ``"0,2"`` -> ``[0, 2]``,
-  ``"-1"`` -> ``[-1]`` (the last), ``"6:"`` / ``"::2"`` -> ``slice(6, None)`` / ``slice(None, None, 2)``.
+  ``"-1"`` -> ``[-1]`` (the last), ``"6:"`` / ``"::2"`` -> ``slice(6, None)`` / ``slice(None, None, 2)``;
+* representative design (benchmarks): ``"EXTRA[-PREFIX_BROADCAST]/BROADCAST"``, e.g. ``"prefix-own/query"`` (the
+  default of ``convert``) or ``"none/key"`` (the pooled grid alone, the design before 2026-12-01).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 GRID_FORMS = "a count such as 64 or a grid such as 8x8"
 LAYER_FORMS = "all, an index, a list such as 0,1,2 or a slice such as 6:"
@@ -29,6 +31,16 @@ def parse_grid(text: Union[str, int]) -> Union[int, Tuple[int, int]]:
     if len(parts) == 2:
         return parts[0], parts[1]
     raise ValueError(f"expected {GRID_FORMS}, got {text!r}")
+
+
+def parse_design(text: str) -> Dict[str, str]:
+    """``"prefix-own/query"`` -> ``{"extra_representatives": "prefix", "prefix_broadcast": "own", "broadcast": "query"}``
+    (``prefix_broadcast`` defaults to ``"all"``); the values are checked by ``convert``."""
+    extra, sep, broadcast = str(text).partition("/")
+    extra, _, prefix_broadcast = extra.partition("-")
+    if not (sep and extra and broadcast):
+        raise ValueError(f"expected a design such as prefix-own/query or none/key, got {text!r}")
+    return {"extra_representatives": extra, "prefix_broadcast": prefix_broadcast or "all", "broadcast": broadcast}
 
 
 def parse_layers(text: Optional[str]) -> Union[None, slice, List[int]]:
