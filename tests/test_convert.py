@@ -71,6 +71,8 @@ def test_inplace_false_leaves_original_untouched():
     (dict(num_representatives=-64), ValueError, "positive"),
     (dict(num_representatives=50), ValueError, "not a square"),
     (dict(broadcast="nope"), ValueError, "unknown broadcast"),
+    (dict(extra_representatives="cls"), ValueError, r"unknown extra_representatives 'cls'; choose one of \['prefix', 'global', 'none'\]"),
+    (dict(prefix_broadcast="self"), ValueError, r"unknown prefix_broadcast 'self'; choose one of \['own', 'all'\]"),
     (dict(layers=[7]), ValueError, "out of range"),
     (dict(layers=["0"]), TypeError, "integer block indices"),
     (dict(layers=lambda i, n, m: False), ValueError, "selects none"),

@@ -22,7 +22,6 @@ stacked around the pooled grid::
 
     "prefix":  P = [q_1; ...; q_t; pool(q[t:])]            each prefix token its own representative
     "global":  P = [pool(q[t:]); mean(q[t:])]              one more: the mean of all patch tokens
-    "auto":    "prefix" when the input has prefix tokens (t > 0), else "global"
     "none":    P = pool(q[t:])
 
 so ``m = t + gh gw`` (``"prefix"``), ``gh gw + 1`` (``"global"``) or ``gh gw``. A prefix token's
@@ -40,7 +39,7 @@ from torch import nn
 GridLike = Union[int, Tuple[int, int]]
 
 #: choices of extra representatives next to the pooled grid (module docstring)
-EXTRA_REPRESENTATIVES = ("auto", "prefix", "global", "none")
+EXTRA_REPRESENTATIVES = ("prefix", "global", "none")
 
 
 def as_grid(num_representatives: GridLike) -> Tuple[int, int]:
@@ -206,8 +205,6 @@ def _windows(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
 
 def extra_parts(extra: str, prefix: int) -> Tuple[int, bool]:
     """``(prefix tokens used as representatives, whether a global representative is added)``."""
-    if extra == "auto":
-        extra = "prefix" if prefix > 0 else "global"
     if extra == "prefix":
         return prefix, False
     if extra == "global":
