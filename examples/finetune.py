@@ -3,20 +3,21 @@
 Runs unchanged on one CPU process, several processes, one or many GPUs and nodes (Accelerate):
 
     python examples/finetune.py --model cifar10-teacher --dataset /tmp/cifar/cifar10 \\
-        --out runs/cifar --align-steps 200 --finetune-steps 200 --batch-size 64
+        --out runs/cifar --finetune-steps 400 --distill-weight 1.0 --batch-size 64
     accelerate launch --multi_gpu --num_processes 2 examples/finetune.py --cpu ...   # 2 CPU processes
     (``accelerate launch --cpu --num_processes 2`` starts only one process: Accelerate's CPU launcher
     needs mpirun for more; ``--multi_gpu`` uses torchrun, and ``--cpu`` keeps it on CPU with gloo)
     accelerate launch --num_processes 8 --mixed_precision bf16 examples/finetune.py \\
         --model timm:vit_base_patch16_224.augreg2_in21k_ft_in1k --dataset imagenet-1k \\
-        --out runs/vitb --representatives 64 --layers 6: --align-steps 2000 \\
+        --out runs/vitb --representatives 64 --layers 6: \\
         --finetune-steps 20000 --lora-rank 16 --distill-weight 0.5 --batch-size 512
 
 Models: ``cifar10-teacher`` (the embedded CIFAR-10 ViT), ``timm:NAME`` (``pretrained=True``, or local
 weights with ``--checkpoint FILE`` and ``--model-kwargs JSON``), ``hf:ID`` or a local transformers
 folder (config.json + preprocessor_config.json). Data: a folder with train/ and val|validation|test/
 class folders, or a ``datasets.load_dataset`` name/path. Stages (each optional, in order):
-``--align-steps`` (attention alignment to the original layers, no labels) and ``--finetune-steps``
+``--align-steps`` (attention alignment to the original layers, no labels; with the default representatives
+not worth its cost for cbsa / contraction_free, worth it for linear) and ``--finetune-steps``
 (supervised, whole model or ``--lora-rank``; ``--distill-weight`` mixes in KL to the original's logits).
 
 Relaunching the same command resumes from the newest checkpoint in OUT/checkpoints. Writes

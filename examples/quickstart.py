@@ -6,8 +6,9 @@ per class to evaluate on (they are written once as a small image folder in a tem
 so the run goes through the same ``vit2cbsa.train.finetune`` pipeline as
 ``accelerate launch examples/finetune.py``). For each variant (cbsa, contraction_free, linear):
 
-  1. convert a copy of the teacher (16 representatives = a 4x4 grid on its 8x8 patch grid) and
-     report its zero-shot accuracy and the cosine similarity of its features to the teacher's;
+  1. convert a copy of the teacher (16 pooled representatives = a 4x4 grid on its 8x8 patch grid, plus
+     the class token as its own representative: the default design) and report its zero-shot accuracy
+     and the cosine similarity of its features to the teacher's;
   2. attention alignment: train the attention layers so that each reproduces the teacher's layer
      output (no labels) for ``--align-steps`` steps;
   3. supervised fine-tuning of the whole model, distilling the teacher's logits, for

@@ -71,9 +71,10 @@ class ConversionInfo:
 
     def __str__(self) -> str:
         gh, gw = self.num_representatives
-        extra = {"prefix": " + one per prefix token", "global": " + 1 global", "none": ""}[self.extra_representatives]
+        extra = {"prefix": " pooled + one per prefix token", "global": " pooled + 1 global", "none": ""}[
+            self.extra_representatives]
         if self.extra_representatives == "prefix":
-            extra += f" (prefix_broadcast={self.prefix_broadcast!r})"
+            extra += " (read back " + ("by that token alone)" if self.prefix_broadcast == "own" else "by all tokens)")
         how = "" if self.variant == "linear" else (f" ({gh}x{gw}={gh * gw}{extra} representatives, "
                                                    f"broadcast={self.broadcast!r})")
         rows = [
