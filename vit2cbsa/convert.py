@@ -164,7 +164,8 @@ def convert(
         variant: ``"cbsa"`` (extract, contract among representatives, broadcast),
             ``"contraction_free"`` (no contraction; Agent-Attention-like) or ``"linear"``
             (kernelised linear attention). See :mod:`vit2cbsa.attention`.
-        num_representatives: representatives per head: a square count (64 = an 8x8 grid) or an
+        num_representatives: pooled representatives per head (``extra_representatives`` adds its own
+            to them): a square count (64 = an 8x8 grid) or an
             ``(h, w)`` grid. On inputs whose patch grid is smaller along an axis, that axis of the
             representative grid is clamped to the patch grid (each patch is its own representative).
             Ignored by ``"linear"``.
