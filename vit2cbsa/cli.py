@@ -334,10 +334,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {type(base).__name__} ({source.kind}), input {c}x{h}x{w}")
     print(f"tokens per image: {cost.num_tokens} = {cost.num_prefix_tokens} prefix + "
           f"{cost.patch_grid[0]}x{cost.patch_grid[1]} patches")
-    extra = {"prefix": f" + {cost.num_prefix_tokens} prefix", "global": " + 1 global", "none": ""}[info.extra_representatives]
-    print(f"conversion: variant {info.variant!r}, {gh}x{gw} = {gh * gw}{extra} representatives per head, "
-          f"broadcast {info.broadcast!r}, prefix tokens read {'their own' if info.prefix_broadcast == 'own' else 'all'}"
-          " representative(s)")
+    print(f"conversion: variant {info.variant!r}, {info.representatives_text(cost.num_prefix_tokens)} per head, "
+          f"broadcast {info.broadcast!r}")
     print(f"attention layers: {len(layers)} found, {len(names)} converted")
     for row in layers:
         mark = f"-> {info.variant}" if row["converted"] else "   softmax (kept)"

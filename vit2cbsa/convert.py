@@ -58,6 +58,17 @@ class ConversionInfo:
     def converted_indices(self) -> List[int]:
         return [layer.index for layer in self.converted]
 
+    def representatives_text(self, num_prefix: Optional[int] = None) -> str:
+        """E.g. ``"4x4=16 pooled + one per prefix token (read back by that token alone) representatives"``; with
+        ``num_prefix`` (the prefix tokens of an input) the count instead of "one per prefix token"."""
+        gh, gw = self.num_representatives
+        per_prefix = "one per prefix token" if num_prefix is None else f"{num_prefix} prefix"
+        extra = {"prefix": f" pooled + {per_prefix}", "global": " pooled + 1 global", "none": ""}[
+            self.extra_representatives]
+        if self.extra_representatives == "prefix":
+            extra += " (read back " + ("by that token alone)" if self.prefix_broadcast == "own" else "by all tokens)")
+        return f"{gh}x{gw}={gh * gw}{extra} representatives"
+
     def options(self) -> dict:
         """The :func:`convert` arguments that rebuild this conversion on the original model."""
         return {"variant": self.variant, "num_representatives": tuple(self.num_representatives),
@@ -70,13 +81,7 @@ class ConversionInfo:
         return d
 
     def __str__(self) -> str:
-        gh, gw = self.num_representatives
-        extra = {"prefix": " pooled + one per prefix token", "global": " pooled + 1 global", "none": ""}[
-            self.extra_representatives]
-        if self.extra_representatives == "prefix":
-            extra += " (read back " + ("by that token alone)" if self.prefix_broadcast == "own" else "by all tokens)")
-        how = "" if self.variant == "linear" else (f" ({gh}x{gw}={gh * gw}{extra} representatives, "
-                                                   f"broadcast={self.broadcast!r})")
+        how = "" if self.variant == "linear" else f" ({self.representatives_text()}, broadcast={self.broadcast!r})"
         rows = [
             f"vit2cbsa: converted {len(self.converted)}/{self.num_attention_layers} attention layers to "
             f"{self.variant!r}{how}; patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",

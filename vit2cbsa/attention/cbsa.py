@@ -53,7 +53,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, representatives
+from ..layout import EXTRA_REPRESENTATIVES, TokenLayout
 from .cbsa_explicit import ExplicitCBSA, Geometry, flat_heads, forward_steps
 
 BROADCASTS = ("key", "query", "transpose")
@@ -117,11 +117,6 @@ class CBSAMixer(nn.Module):
             f"{self.rep_grid[1]}, extra_representatives={self.extra_representatives!r}, broadcast={self.broadcast!r}, "
             f"prefix_broadcast={self.prefix_broadcast!r}, contraction={self.contraction}"
         )
-
-    def representatives(self, q: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        """Step 1: pooled queries with the extra representatives, ``P`` (``B x H x m x d``)."""
-        prefix, h, w = layout.split(q.shape[-2])
-        return representatives(q, prefix, h, w, self.rep_grid, self.extra_representatives)
 
     def geometry(self, num_tokens: int, layout: TokenLayout) -> Geometry:
         """The :class:`~vit2cbsa.attention.cbsa_explicit.Geometry` of an input of ``num_tokens`` tokens."""

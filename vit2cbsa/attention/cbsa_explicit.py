@@ -115,19 +115,16 @@ def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Ge
         g = torch.softmax(pe @ kr.transpose(-2, -1), dim=-1)
         cc = vr + _per_head(gamma) * (g @ vr)
     c = cc * KAP
-    own = geo.own_rows
+    own = geo.own_rows  # the first `own` rows of B are one-hot: not computed
+    ks = None
     if geo.broadcast == "transpose":
-        at = a.transpose(-2, -1)  # B H N m
+        at = a[:, :, :, own:].transpose(-2, -1)  # B H (N - own) m
         bm = at / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
-        if own:
-            bm = torch.cat([_eye_rows(own, bm), bm[:, :, own:]], dim=2)
-        return Steps(p, pe, a, vr, kr, g, cc, c, None, bm)
-    ks = (kr if geo.broadcast == "key" else p) * T1
-    if own:  # the prefix rows are one-hot, not computed
-        rest = torch.softmax(q[:, :, own:] @ ks.transpose(-2, -1), dim=-1)
-        bm = torch.cat([_eye_rows(own, rest), rest], dim=2)
     else:
-        bm = torch.softmax(q @ ks.transpose(-2, -1), dim=-1)
+        ks = (kr if geo.broadcast == "key" else p) * T1
+        bm = torch.softmax(q[:, :, own:] @ ks.transpose(-2, -1), dim=-1)
+    if own:
+        bm = torch.cat([_eye_rows(own, bm), bm], dim=2)
     return Steps(p, pe, a, vr, kr, g, cc, c, ks, bm)
 
 
