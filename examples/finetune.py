@@ -20,9 +20,25 @@ class folders, or a ``datasets.load_dataset`` name/path. Stages (each optional, 
 not worth its cost for cbsa / contraction_free, worth it for linear) and ``--finetune-steps``
 (supervised, whole model or ``--lora-rank``; ``--distill-weight`` mixes in KL to the original's logits).
 
-Relaunching the same command resumes from the newest checkpoint in OUT/checkpoints. Writes
-OUT/metrics.jsonl, OUT/final.json (accuracy of the original and the converted model) and
+Relaunching the same command resumes from the newest valid checkpoint in OUT/checkpoints (an
+incomplete newer one -- a truncated optimizer state or progress.json -- is skipped, with a message,
+and moved to OUT/checkpoints/invalid_step_N). Writes OUT/metrics.jsonl, OUT/final.json (accuracy of
+the original and the converted model on the whole evaluation split, and per-stage timing) and
 OUT/final/model.safetensors (LoRA merged).
+
+One run at a time per OUT: a run holds OUT/run.lock (host, pid, start time) while it runs; a second
+run on the same OUT stops with an error naming the holder. A lock left by a run that was killed
+(its processes are gone) is taken over with a message. Killing `accelerate launch` with SIGKILL does
+NOT stop its worker processes: they keep training and writing OUT and keep the lock, so a relaunch
+refuses (naming their pids) until you stop them (`kill PID ...`); it never races them. A lock of a
+run on another host cannot be checked: delete it by hand once that run is over.
+
+Unreadable images (empty files, non-images named .jpg, truncated JPEGs) stop the run with an error
+naming the file; --skip-bad-images replaces each by the next readable image of its split (training)
+or leaves it out (evaluation), counting them (metrics.jsonl "bad_images", final.json
+"bad_images_skipped"). Evaluations during training (before it, every --eval-every steps and at the
+end of each stage) use a fixed random subset of --eval-subset images; the final evaluation uses the
+whole split.
 """
 
 from __future__ import annotations
@@ -32,6 +48,7 @@ import json
 import sys
 from typing import List, Optional
 
+from vit2cbsa.train.data import BadImageError, DataError
 from vit2cbsa.train.finetune import FinetuneConfig, UsageError, run
 
 
@@ -48,8 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-split")
     g.add_argument("--max-train-samples", type=int)
     g.add_argument("--max-eval-samples", type=int)
+    g.add_argument("--eval-subset", type=int, default=default["eval_subset"],
+                   help="images (a fixed random subset of the evaluation split) for the evaluations during "
+                        "training: before it, every --eval-every steps, at the end of each stage; the final "
+                        "evaluation uses the whole split; 0: always the whole split (default %(default)s)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="replace an unreadable image by the next readable one (training) or leave it out "
+                        "(evaluation), counted in metrics.jsonl / final.json; default: stop with an error naming it")
     g.add_argument("--num-workers", type=int, default=default["num_workers"])
-    g.add_argument("--out", "--output-dir", dest="output_dir", required=True)
+    g.add_argument("--out", "--output-dir", dest="output_dir", required=True,
+                   help="output folder; locked (OUT/run.lock) while a run uses it, see above")
     g = ap.add_argument_group("conversion (vit2cbsa.convert)")
     g.add_argument("--variant", default=default["variant"], help="cbsa | contraction_free | linear")
     g.add_argument("--representatives", default=str(default["representatives"]), help="count (64) or grid (8x8)")
@@ -68,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune-steps", type=int, default=0)
     g.add_argument("--lr", type=float, default=default["lr"])
     g.add_argument("--weight-decay", type=float, default=default["weight_decay"])
-    g.add_argument("--lora-rank", type=int, default=0, help="0: train the whole model")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="0: train the whole model; N > 0: rank-N LoRA adapters on the attention projections")
     g.add_argument("--lora-alpha", type=float)
     g.add_argument("--lora-dropout", type=float, default=0.0)
     g.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t],
@@ -97,11 +123,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = vars(build_parser().parse_args(argv))
     try:
         run(FinetuneConfig(**args))
-    except UsageError as e:
+    except (UsageError, DataError) as e:
         from accelerate import PartialState
 
-        if PartialState().is_main_process:
-            print(f"error: {e}", file=sys.stderr)
+        state = PartialState()
+        # the same UsageError on every process: the main one says it; an unreadable image is met by one process
+        if state.is_main_process or isinstance(e, BadImageError):
+            where = f"[process {state.process_index}] " if state.num_processes > 1 and not state.is_main_process else ""
+            hint = " (or pass --skip-bad-images)" if isinstance(e, BadImageError) else ""
+            print(f"error: {where}{e}{hint}", file=sys.stderr)
         return 2
     return 0
 

@@ -15,12 +15,27 @@ model's own preprocessing.
 Training augmentation is a pure function of ``(seed, epoch, sample index)``: each sample's random
 transform runs under its own seed (:class:`TransformedDataset`). So the batches seen after a
 resume, on any number of processes or data-loader workers, are the ones an uninterrupted run sees.
+
+Unreadable images (zero bytes, another kind of file named ``.jpg``, a truncated JPEG) raise
+:class:`BadImageError`, whose one-line message names the file, also when a data-loader worker hit
+it. With ``skip_bad=True`` such a sample is replaced, deterministically, by the next readable one of
+the split, and the sample carries a third element, 1 (else 0), so training can count the skipped
+images and evaluation can leave them out.
+
+A ``--dataset`` that looks like a local path (it starts with ``.``, ``/`` or ``~``, has more than one
+``/``, or its first component exists here) but does not exist is an error ("no such folder"), never
+a ``datasets.load_dataset`` lookup on the Hub.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import os
 import random
+import struct
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -34,6 +49,20 @@ EVAL_SPLITS = ("validation", "val", "test", "valid")
 
 class DataError(ValueError):
     """A dataset that cannot be found or used; the message is one line meant for the user."""
+
+
+class BadImageError(DataError):
+    """An image that cannot be decoded; the one-line message names the file (``.path``).
+
+    A DataLoader worker re-raises it in the main process as ``BadImageError("Caught BadImageError in
+    DataLoader worker process 0. Original Traceback ...")``: the original one-line message is kept."""
+
+    def __init__(self, message: str, path: Optional[str] = None) -> None:
+        if message.startswith(f"Caught {type(self).__name__}"):
+            last = message.strip().splitlines()[-1]
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass
@@ -104,14 +133,46 @@ def _seeded(seed: int):
             random.setstate(py_state)
 
 
+# what decoding a broken file raises (PIL: UnidentifiedImageError is an OSError; truncated data
+# OSError / SyntaxError / struct.error / zlib.error; huge images DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
+_warned: set = set()  # files already reported by this process
+
+
+def _decode_errors() -> tuple:
+    from PIL import Image
+
+    return _DECODE_ERRORS + (Image.DecompressionBombError,)
+
+
+def _reason(e: BaseException, path: Optional[str]) -> str:
+    from PIL import UnidentifiedImageError
+
+    if path is not None:
+        try:
+            if os.path.getsize(path) == 0:
+                return "empty file (0 bytes)"
+        except OSError:
+            pass
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    return _one_line(e)
+
+
 class TransformedDataset(Dataset):
     """``(pixels, label)`` samples: ``base[i]`` is ``(PIL image, label)``; ``transform`` runs under the
-    seed ``(seed, epoch, i)`` when ``seed`` is given (call :meth:`set_epoch` before each epoch)."""
+    seed ``(seed, epoch, i)`` when ``seed`` is given (call :meth:`set_epoch` before each epoch).
+
+    An image that cannot be decoded raises :class:`BadImageError` naming the file; with ``skip_bad``
+    it is replaced by the next readable sample (in index order, so deterministically, transformed
+    under the skipped sample's seed), a warning names it once per process, and every sample is
+    ``(pixels, label, replaced)`` with ``replaced`` 1 for a replacement and 0 otherwise."""
 
     def __init__(self, base: Sequence, transform: Callable, seed: Optional[int] = None,
-                 indices: Optional[Sequence[int]] = None) -> None:
+                 indices: Optional[Sequence[int]] = None, skip_bad: bool = False) -> None:
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
         self.indices = list(range(len(base))) if indices is None else list(indices)
+        self.skip_bad = skip_bad
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -119,13 +180,52 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        image, label = self.base[self.indices[i]]
-        image = image.convert("RGB")
+    def name_of(self, j: int) -> str:
+        """The file (or row) behind ``base[j]``, for messages."""
+        samples = getattr(self.base, "samples", None)  # torchvision ImageFolder
+        if samples is not None:
+            return str(samples[j][0])
+        describe = getattr(self.base, "describe", None)
+        return describe(j) if describe is not None else f"sample {j}"
+
+    def load(self, j: int):
+        """``base[j]`` decoded to an RGB PIL image and its label; :class:`BadImageError` if it cannot be."""
+        try:
+            image, label = self.base[j]
+            image.load()
+            return image.convert("RGB"), label
+        except _decode_errors() as e:
+            name = self.name_of(j)
+            path = name if getattr(self.base, "samples", None) is not None else None
+            raise BadImageError(f"cannot read image {name}: {_reason(e, path)}", name) from None
+
+    def _load_or_replace(self, i: int):
+        try:
+            image, label = self.load(self.indices[i])
+            return image, label, 0
+        except BadImageError as e:
+            if not self.skip_bad:
+                raise
+            if e.path not in _warned:
+                _warned.add(e.path)
+                print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
+        n = len(self.indices)
+        for k in range(1, n):
+            try:
+                image, label = self.load(self.indices[(i + k) % n])
+                return image, label, 1
+            except BadImageError:
+                continue
+        raise BadImageError(f"none of the {n} images of this split can be read (e.g. {self.name_of(self.indices[i])})")
+
+    def __getitem__(self, i: int):
+        image, label, replaced = self._load_or_replace(i)
         if self.seed is None:
-            return self.transform(image), int(label)
-        with _seeded(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF):
-            return self.transform(image), int(label)
+            x = self.transform(image)
+        else:
+            with _seeded(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF):
+                x = self.transform(image)
+        return (x, int(label), replaced) if self.skip_bad else (x, int(label))
 
 
 class _HFRows:
@@ -141,6 +241,18 @@ class _HFRows:
         row = self.ds[int(i)]
         return row[self.image_col], row[self.label_col]
 
+    def describe(self, i: int) -> str:
+        """The image file behind row ``i`` (when the dataset recorded one) and the row."""
+        where = f"row {int(i)} of split {self.ds.split}" if getattr(self.ds, "split", None) else f"row {int(i)}"
+        try:
+            import datasets
+
+            raw = self.ds.cast_column(self.image_col, datasets.Image(decode=False))[int(i)][self.image_col]
+            path = raw.get("path") if isinstance(raw, dict) else None
+        except Exception:  # only for a message
+            path = None
+        return f"{path} ({where})" if path else where
+
 
 @dataclass
 class ImageData:
@@ -153,19 +265,48 @@ class ImageData:
 
 
 def _looks_like_path(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).exists()
+    """Whether ``spec`` means a local path rather than a Hub dataset id (``name`` or ``owner/name``)."""
+    if spec.startswith((".", "/", "~")) or os.path.isabs(spec) or Path(spec).exists():
+        return True
+    seps = [c for c in (os.sep, os.altsep, "/") if c]
+    if not any(c in spec for c in seps):
+        return False
+    parts = Path(spec).parts
+    return len(parts) > 2 or spec.endswith(tuple(seps)) or Path(parts[0]).exists()
+
+
+def _missing_path_message(spec: str) -> str:
+    """``dataset path ... does not exist: no such folder X in Y (did you mean Z?)`` -- one line."""
+    path = Path(spec).expanduser()
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    missing = path.relative_to(parent).parts[0] if parent != path else path.name
+    where = repr(str(parent)) if str(parent) not in ("", ".") else "the current folder"
+    msg = f"dataset path {spec!r} does not exist: no such folder {missing!r} in {where}"
+    try:
+        siblings = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    except OSError:
+        siblings = []
+    close = difflib.get_close_matches(missing, siblings, n=1, cutoff=0.6)
+    if close:
+        msg += f" (did you mean {str(parent / close[0])!r}?)"
+    if not spec.startswith((".", "/", "~")) and len(Path(spec).parts) == 2:
+        msg += f"; for the Hub dataset {spec!r} pass --dataset hf:{spec}"
+    return msg
 
 
 def load_image_data(spec: str, train_split: Optional[str] = None, eval_split: Optional[str] = None) -> ImageData:
     """Open an image folder (``train/`` + ``val|validation|test/``) or a ``datasets.load_dataset`` source
-    (``hf:NAME_OR_PATH`` forces the latter)."""
+    (``hf:NAME_OR_PATH`` forces the latter). A spec that looks like a local path but does not exist
+    raises :class:`DataError` ("no such folder") instead of being looked up on the Hub."""
     if spec.startswith("hf:"):
         return _hf_dataset(spec[3:], train_split, eval_split)
     path = Path(spec).expanduser()
     if path.is_dir() and (path / (train_split or "train")).is_dir():
         return _image_folder(path, train_split, eval_split)
     if _looks_like_path(spec) and not path.exists():
-        raise DataError(f"dataset path {spec!r} does not exist")
+        raise DataError(_missing_path_message(spec))
     return _hf_dataset(spec, train_split, eval_split)
 
 

@@ -27,16 +27,46 @@ command loads the newest complete ``step_N`` and continues mid-epoch with
 augmentation only on ``(seed, epoch, sample)``, it ends with the weights an uninterrupted run has.
 ``out/metrics.jsonl`` gets one JSON line per logged step or evaluation (lines past the resumed
 checkpoint are dropped on resume). A finished run (``final.json`` present) is not redone.
+
+Surviving mistakes:
+
+* One run at a time per output folder: the main process creates ``out/run.lock`` (host, pid, start
+  time, the pids of every process; atomically, ``O_CREAT|O_EXCL``) before writing anything there,
+  after all processes have started and before they go their own ways (the other processes wait for
+  its outcome), and removes it when the run ends, also on an error. A second run on the folder
+  refuses with a one-line message naming the holder; a lock whose processes are all gone (a run
+  killed with SIGKILL) is taken over with a message (:mod:`vit2cbsa.train.lock`). Killing
+  ``accelerate launch`` with SIGKILL does not kill its worker processes: they go on training and
+  writing ``out``, and still hold the lock, so a relaunch refuses, naming their pids, until they are
+  stopped (``kill PID``) -- it never races them.
+* Resuming verifies the newest checkpoint (``progress.json`` parses and matches its folder, every
+  file Accelerate wrote is complete: safetensors headers and sizes, the zip structure of the
+  ``torch.save`` files, each process's RNG state present) and falls back to the newest valid one,
+  saying which one was skipped and why; a skipped one is moved to ``checkpoints/invalid_step_N``.
+* An unreadable image (zero bytes, not an image, a truncated JPEG) stops the run with a one-line
+  error naming the file (:class:`~vit2cbsa.train.data.BadImageError`), or, with
+  ``skip_bad_images``, is replaced by the next readable image of its split (training) or left out
+  (evaluation); the counts go to ``metrics.jsonl`` (``bad_images``) and ``final.json``.
+* Evaluations during training (before it, every ``eval_every`` steps, at the end of each stage) use
+  a fixed random subset of ``eval_subset`` images (default 1000; 0: the whole split); the final
+  evaluation of the original and the converted model uses the whole evaluation split. Evaluation
+  has its own progress bar, and the stage's bar, its rates and ``final.json``'s ``timing`` count
+  training steps only, with evaluation and checkpoint time reported apart.
+* Bad options (a negative LoRA rank, a non-finite learning rate, an ``--out`` that is a file, a mixed
+  precision the device cannot do, a dataset path that does not exist) are one-line
+  :class:`UsageError` s raised before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -48,8 +78,9 @@ from torch import nn
 from .. import specs
 from ..convert import conversion_info, convert
 from .align import AttentionAligner
-from .data import (DataError, TransformedDataset, Transforms, hf_transforms, load_image_data, subset_indices,
-                   teacher_transforms, timm_transforms)
+from .data import (BadImageError, DataError, TransformedDataset, Transforms, hf_transforms, load_image_data,
+                   subset_indices, teacher_transforms, timm_transforms)
+from .lock import LockHeld, OutputLock, this_process
 
 TEACHER = "cifar10-teacher"
 STAGES = ("align", "finetune")
@@ -57,7 +88,9 @@ PROGRESS = "progress.json"
 STOP_EXIT_CODE = 17  # --stop-after-step: the simulated kill
 #: operational settings that may change between a run and its resumption
 _RESUMABLE_CHANGES = ("output_dir", "stop_after_step", "num_workers", "log_every", "eval_every",
-                      "checkpoint_every", "keep_checkpoints", "eval_batch_size", "cpu")
+                      "checkpoint_every", "keep_checkpoints", "eval_batch_size", "cpu", "eval_subset",
+                      "skip_bad_images")
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "fp8")
 
 
 class UsageError(ValueError):
@@ -85,6 +118,8 @@ class FinetuneConfig:
     eval_split: Optional[str] = None
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    eval_subset: Optional[int] = 1000           # images for the evaluations during training; 0/None: all
+    skip_bad_images: bool = False               # replace (train) / leave out (eval) unreadable images
     num_workers: int = 2
     # stage 1: attention alignment
     align_steps: int = 0
@@ -119,6 +154,93 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         self.representatives = parse_representatives(self.representatives)
         parse_layers(self.layers)
+        validate_values(self)
+
+
+def _number(flag: str, value, *, low: float = 0.0, low_ok: bool = False, high: Optional[float] = None,
+            high_ok: bool = True, what: str = "") -> None:
+    """``value`` must be a finite number in (low, high] (``low_ok``/``high_ok``: closed ends)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag} must be a number, got {value!r}") from None
+    bounds = f"{'[' if low_ok else '('}{low:g}, {'inf)' if high is None else f'{high:g}' + (']' if high_ok else ')')}"
+    ok = math.isfinite(v) and (v >= low if low_ok else v > low) and (
+        high is None or (v <= high if high_ok else v < high))
+    if not ok:
+        raise UsageError(f"{flag} must be a finite number in {bounds}{what}, got {value!r}")
+
+
+def validate_values(c: "FinetuneConfig") -> None:
+    """One-line :class:`UsageError` s for option values that can never work (no device or files needed)."""
+    if c.lora_rank is None or int(c.lora_rank) != c.lora_rank or c.lora_rank < 0:
+        raise UsageError(f"--lora-rank must be 0 (train the whole model) or a positive rank for LoRA adapters, "
+                         f"got {c.lora_rank!r}")
+    for flag, value in (("--lr", c.lr), ("--align-lr", c.align_lr)):
+        _number(flag, value, what=" (a learning rate)")
+    if c.align_pretrained_lr is not None:
+        _number("--align-pretrained-lr", c.align_pretrained_lr, low_ok=True)
+    _number("--weight-decay", c.weight_decay, low_ok=True)
+    _number("--warmup-ratio", c.warmup_ratio, low_ok=True, high=1.0)
+    _number("--max-grad-norm", c.max_grad_norm, low_ok=True, what=" (0: no clipping)")
+    _number("--temperature", c.temperature)
+    _number("--lora-dropout", c.lora_dropout, low_ok=True, high=1.0, high_ok=False)
+    _number("--distill-weight", c.distill_weight, low_ok=True, high=1.0)
+    if c.lora_alpha is not None:
+        _number("--lora-alpha", c.lora_alpha)
+    for flag, value in (("--align-steps", c.align_steps), ("--finetune-steps", c.finetune_steps),
+                        ("--eval-every", c.eval_every), ("--num-workers", c.num_workers)):
+        if value is None or value < 0:
+            raise UsageError(f"{flag} must be >= 0, got {value!r}")
+    for flag, value in (("--log-every", c.log_every), ("--keep-checkpoints", c.keep_checkpoints),
+                        ("--max-train-samples", c.max_train_samples), ("--max-eval-samples", c.max_eval_samples),
+                        ("--eval-batch-size", c.eval_batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be positive, got {value!r}")
+    if c.eval_subset is not None and c.eval_subset < 0:
+        raise UsageError(f"--eval-subset must be >= 0 (0: evaluate on the whole split), got {c.eval_subset!r}")
+    if c.mixed_precision is not None and c.mixed_precision not in MIXED_PRECISIONS:
+        raise UsageError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISIONS)}, got {c.mixed_precision!r}")
+
+
+def check_environment(c: "FinetuneConfig") -> None:
+    """One-line :class:`UsageError` s for options this machine cannot honour: an ``--out`` that is a file,
+    a mixed precision the device does not support. Runs before the ``Accelerator`` is made (a failed
+    ``Accelerator(...)`` leaves Accelerate's shared state unusable for the rest of the process)."""
+    out = Path(c.output_dir).expanduser()
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UsageError(f"--out {c.output_dir!r}: {str(p)!r} is an existing file, not a folder")
+            break
+    from_env = c.mixed_precision is None
+    mp = (os.environ.get("ACCELERATE_MIXED_PRECISION", "no") if from_env else c.mixed_precision).lower()
+    if mp in ("no", ""):
+        return
+    source = f"mixed precision {mp} (from accelerate launch / accelerate config)" if from_env else \
+        f"--mixed-precision {mp}"
+    if mp not in MIXED_PRECISIONS:
+        raise UsageError(f"{source}: not one of {', '.join(MIXED_PRECISIONS)}")
+    from accelerate import PartialState
+
+    device = PartialState(cpu=c.cpu).device
+    if mp == "fp8":
+        from accelerate.utils import is_fp8_available
+
+        if device.type != "cuda":
+            raise UsageError(f"{source} needs an NVIDIA GPU with FP8 (compute capability 8.9+); this run is on "
+                             f"{device.type}: use --mixed-precision bf16 or no")
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise UsageError(f"{source} needs compute capability 8.9+ (Ada, Hopper or newer); this GPU has "
+                             f"{cap[0]}.{cap[1]}: use --mixed-precision bf16 or fp16")
+        if not is_fp8_available():
+            raise UsageError(f"{source} needs torchao, transformer-engine or MS-AMP installed")
+    elif mp == "fp16" and device.type == "cpu":
+        raise UsageError(f"{source} does not work on cpu (Accelerate would silently train in fp32): "
+                         "use --mixed-precision bf16 or no")
+    elif mp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"{source}: this GPU does not support bf16; use --mixed-precision fp16 or no")
 
 
 # --------------------------------------------------------------------------- small pieces
@@ -230,14 +352,19 @@ def _load_hf(path: str, num_classes: int, class_names: List[str]) -> LoadedModel
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     try:
-        config = AutoConfig.from_pretrained(path)
-        processor = AutoImageProcessor.from_pretrained(path)
+        # trust_remote_code=False: a config asking for custom code is refused (never run, never a stdin prompt)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
         kw = {}
         if config.num_labels != num_classes:
             kw = dict(num_labels=num_classes, ignore_mismatched_sizes=True,
                       id2label=dict(enumerate(class_names)), label2id={c: i for i, c in enumerate(class_names)})
-        model = AutoModelForImageClassification.from_pretrained(path, **kw)
+        model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False, **kw)
     except Exception as e:
+        if "custom code" in str(e) or "trust_remote_code" in str(e):
+            raise UsageError(f"refusing transformers model {path!r}: its config asks to run custom code (auto_map); "
+                             "vit2cbsa loads only architectures built into transformers (trust_remote_code=False)"
+                             ) from None
         raise UsageError(f"cannot load transformers model {path!r} (a local folder with config.json and "
                          f"preprocessor_config.json, or a Hub id already in the cache): {_one_line(e)}") from None
     heads = [n for n, _ in model.named_children() if "classifier" in n]
@@ -292,15 +419,101 @@ def apply_lora(model: nn.Module, targets: List[str], head_names: List[str], rank
 # --------------------------------------------------------------------------- checkpoints and metrics
 
 
+_PROGRESS_KEYS = ("stage", "stage_step", "stage_steps", "global_step", "epoch", "step_in_epoch")
+
+
+def _step_of(d: Path) -> Optional[int]:
+    try:
+        return int(d.name[len("step_"):])
+    except ValueError:
+        return None
+
+
+def _file_problem(path: Path) -> Optional[str]:
+    """Why ``path`` (a file Accelerate or we wrote) is incomplete, or None. Cheap: headers and sizes."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty"
+    name = path.name
+    if name.endswith(".json"):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"not valid JSON ({_one_line(e)})"
+        return None
+    with path.open("rb") as f:
+        head = f.read(8)
+        if name.endswith(".safetensors"):
+            if len(head) < 8:
+                return "truncated (no header)"
+            n = int.from_bytes(head, "little")
+            if n > size - 8:
+                return f"truncated (header of {n} bytes, file of {size})"
+            try:
+                header = json.loads(f.read(n))
+            except (ValueError, UnicodeDecodeError):
+                return "truncated (unreadable header)"
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            return None if 8 + n + end <= size else f"truncated ({size} of {8 + n + end} bytes)"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (optimizer.bin, random_states_0.pkl, ...)
+        try:
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    if info.header_offset + info.compress_size > size:
+                        return f"truncated ({info.filename} ends past the end of the file)"
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"truncated or corrupt ({_one_line(e)})"
+    return None
+
+
+def checkpoint_problem(d: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """``(progress, None)`` for a complete checkpoint folder, ``(None, why)`` for an unusable one.
+
+    Complete: ``progress.json`` parses, has its keys and the folder's step; model weights, optimizer
+    state and every process's RNG state are there; no file Accelerate wrote is empty or cut short."""
+    try:
+        progress = json.loads((d / PROGRESS).read_text())
+    except FileNotFoundError:
+        return None, f"it has no {PROGRESS}"
+    except (ValueError, UnicodeDecodeError) as e:
+        return None, f"{PROGRESS} is unreadable ({_one_line(e)})"
+    if not isinstance(progress, dict) or any(k not in progress for k in _PROGRESS_KEYS):
+        return None, f"{PROGRESS} lacks some of {', '.join(_PROGRESS_KEYS)}"
+    if progress["global_step"] != _step_of(d):
+        return None, f"{PROGRESS} is for step {progress['global_step']}"
+    names = {p.name for p in d.iterdir()}
+    if not any(n.startswith(("model", "pytorch_model")) for n in names):
+        return None, "it has no model weights"
+    if not any(n.startswith("optimizer") for n in names):
+        return None, "it has no optimizer state"
+    missing = [f"random_states_{i}.pkl" for i in range(int(progress.get("num_processes", 1)))
+               if f"random_states_{i}.pkl" not in names]
+    if missing:
+        return None, f"it has no {missing[0]}"
+    for f in sorted(p for p in d.rglob("*") if p.is_file()):
+        why = _file_problem(f)
+        if why is not None:
+            return None, f"{f.relative_to(d)} is {why}"
+    return progress, None
+
+
+def find_checkpoint(ckpt_dir: Path) -> Tuple[Optional[Tuple[Path, dict]], List[Tuple[Path, str]]]:
+    """The newest complete checkpoint ``(folder, progress)`` (or None), and ``(folder, why)`` for each
+    newer one that is not complete."""
+    dirs = sorted((d for d in ckpt_dir.glob("step_*") if d.is_dir() and _step_of(d) is not None),
+                  key=_step_of, reverse=True)
+    skipped = []
+    for d in dirs:
+        progress, why = checkpoint_problem(d)
+        if progress is not None:
+            return (d, progress), skipped
+        skipped.append((d, why))
+    return None, skipped
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Optional[Tuple[Path, dict]]:
-    """The newest complete checkpoint (``step_N`` with its ``progress.json``) or ``None``."""
-    best = None
-    for d in ckpt_dir.glob("step_*"):
-        if (d / PROGRESS).is_file():
-            progress = json.loads((d / PROGRESS).read_text())
-            if best is None or progress["global_step"] > best[1]["global_step"]:
-                best = (d, progress)
-    return best
+    """The newest complete checkpoint (``step_N`` passing :func:`checkpoint_problem`) or ``None``."""
+    return find_checkpoint(ckpt_dir)[0]
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -334,6 +547,39 @@ class MetricsLog:
         return out
 
 
+class StageClock:
+    """A stage's wall time split into training steps and the evaluations / checkpoints between them;
+    the stage's tqdm ``bar`` is shifted past each pause, so its elapsed time, rate and ETA are those of
+    the training steps alone."""
+
+    def __init__(self, bar=None) -> None:
+        self.bar, self.t0 = bar, time.perf_counter()
+        self.spent = {"eval": 0.0, "checkpoint": 0.0}
+        self.count = {"eval": 0, "checkpoint": 0}
+
+    @contextlib.contextmanager
+    def pause(self, kind: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t
+            self.spent[kind] += dt
+            self.count[kind] += 1
+            if self.bar is not None and not getattr(self.bar, "disable", True):
+                self.bar.start_t += dt  # what tqdm's own unpause() does, for exactly the pause
+                self.bar.last_print_t += dt
+
+    def train_s(self) -> float:
+        return time.perf_counter() - self.t0 - sum(self.spent.values())
+
+    def summary(self, steps: int) -> dict:
+        train = self.train_s()
+        return dict(steps=steps, train_s=round(train, 3), s_per_step=round(train / steps, 4) if steps else None,
+                    evals=self.count["eval"], eval_s=round(self.spent["eval"], 3),
+                    checkpoints=self.count["checkpoint"], checkpoint_s=round(self.spent["checkpoint"], 3))
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -343,19 +589,23 @@ class _Run:
         from accelerate.utils import DataLoaderConfiguration, set_seed
 
         c = self.config = config
+        validate_values(c)  # again: the fields may have been changed after construction
+        check_environment(c)
         self.accelerator = acc = Accelerator(
             mixed_precision=c.mixed_precision, gradient_accumulation_steps=c.grad_accum, cpu=c.cpu,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=c.seed),
             step_scheduler_with_optimizer=False)
-        self.out = Path(c.output_dir)
+        self.out = Path(c.output_dir).expanduser()
         self.ckpt_dir = self.out / "checkpoints"
         self.stages = [s for s, n in zip(STAGES, (c.align_steps, c.finetune_steps)) if n > 0]
         self.stage_steps = {"align": c.align_steps, "finetune": c.finetune_steps}
+        self.resume: Optional[Tuple[Path, dict]] = None
+        self.timing: Dict[str, dict] = {}
+        self.bad_images = {"train": 0}  # samples replaced this launch (summed over steps and processes)
         self._validate_options()
         self.previous = self._check_output_dir()
         if self.previous is not None:
             return
-        self.resume = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
         set_seed(c.seed)
         try:
             self.data = load_image_data(c.dataset, c.train_split, c.eval_split)
@@ -377,13 +627,25 @@ class _Run:
             raise UsageError(f"convert: {_one_line(e)}") from None
         if "finetune" in self.stages and c.lora_rank > 0:
             self.targets = lora_targets(self.student, lm.kind, c.lora_targets)
-        self.train_ds = TransformedDataset(self.data.train, lm.transforms.train, seed=c.seed,
+        skip = c.skip_bad_images
+        self.train_ds = TransformedDataset(self.data.train, lm.transforms.train, seed=c.seed, skip_bad=skip,
                                            indices=subset_indices(len(self.data.train), c.max_train_samples, c.seed))
-        self.eval_ds = TransformedDataset(self.data.eval, lm.transforms.eval,
+        self.eval_ds = TransformedDataset(self.data.eval, lm.transforms.eval, skip_bad=skip,
                                           indices=subset_indices(len(self.data.eval), c.max_eval_samples, c.seed))
+        # the evaluations during training: a fixed random subset of the evaluation split
+        sub = subset_indices(len(self.eval_ds), c.eval_subset or None, c.seed)
+        self.eval_sub_ds = self.eval_ds if sub is None else TransformedDataset(
+            self.data.eval, lm.transforms.eval, skip_bad=skip, indices=[self.eval_ds.indices[i] for i in sub])
         if len(self.train_ds) < c.batch_size:
             raise UsageError(f"the training split has {len(self.train_ds)} images, fewer than one batch of {c.batch_size}")
-        # -- everything is valid: from here on the output folder is written
+
+    def _open_output(self) -> None:
+        """Under the lock: pick the checkpoint to resume from and prepare ``out`` (the first writes)."""
+        c, acc = self.config, self.accelerator
+        self.previous = self._check_output_dir()  # a run that finished while this one was loading
+        if self.previous is not None:
+            return
+        self.resume = self._find_resume()
         if acc.is_main_process:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             for stale in self.ckpt_dir.glob(".tmp_step_*"):
@@ -394,10 +656,70 @@ class _Run:
                                   self.resume[1]["global_step"] if self.resume else None)
         self.original.to(acc.device)
         self.student.to(acc.device)
+        sub = "" if self.eval_sub_ds is self.eval_ds else f", {len(self.eval_sub_ds)} of them for evaluations during training"
         acc.print(f"vit2cbsa finetune: {c.model} on {self.data.source} ({len(self.train_ds)} train / "
-                  f"{len(self.eval_ds)} eval images, {n_classes} classes); {acc.num_processes} process(es), "
-                  f"mixed precision {acc.mixed_precision}, per-process batch {self.per_device} x {c.grad_accum} "
-                  f"accumulation\n{conversion_info(self.student)}")
+                  f"{len(self.eval_ds)} eval images{sub}, {len(self.data.classes)} classes); {acc.num_processes} "
+                  f"process(es), mixed precision {acc.mixed_precision}, per-process batch {self.per_device} x "
+                  f"{c.grad_accum} accumulation\n{conversion_info(self.student)}")
+
+    def _find_resume(self) -> Optional[Tuple[Path, dict]]:
+        """The newest complete checkpoint, chosen by the main process (which moves incomplete newer ones
+        to ``invalid_step_N``, saying why) and shared with the others."""
+        acc = self.accelerator
+        found: List[Any] = [None]
+        if acc.is_main_process and self.ckpt_dir.is_dir():
+            best, skipped = find_checkpoint(self.ckpt_dir)
+            for d, why in skipped:
+                aside = d.with_name(f"invalid_{d.name}")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(d, aside)
+                acc.print(f"skipping checkpoint {d.name}: {why} (moved to {aside})")
+            if skipped:
+                acc.print(f"resuming from the newest valid checkpoint, {best[0].name}" if best else
+                          "no valid checkpoint left: starting from the beginning")
+            found = [None if best is None else (str(best[0]), best[1])]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(found)
+        return None if found[0] is None else (Path(found[0][0]), found[0][1])
+
+    @contextlib.contextmanager
+    def _output_lock(self):
+        """Hold ``out/run.lock`` (main process) for the block; every process raises the same
+        :class:`UsageError` when another run holds it."""
+        acc = self.accelerator
+        me = [this_process()]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            procs = gather_object(me)  # every process has started; none has written anything
+        else:
+            procs = me
+        lock = OutputLock(self.out)
+        outcome: List[Any] = [("ok", None)]
+        if acc.is_main_process:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                outcome = [("ok", lock.acquire(procs))]
+            except LockHeld as e:
+                outcome = [("held", str(e))]
+            except OSError as e:
+                outcome = [("held", f"cannot create the lock {lock.path}: {_one_line(e)}")]
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(outcome)  # the other processes wait here for the main one's lock
+        kind, message = outcome[0]
+        if kind != "ok":
+            raise UsageError(message)
+        if message:
+            acc.print(message)
+        try:
+            yield
+        finally:
+            if acc.is_main_process:
+                lock.release()
 
     # ---- validation
     def _validate_options(self) -> None:
@@ -435,14 +757,16 @@ class _Run:
         return json.loads(final.read_text()) if final.is_file() else None
 
     # ---- data
-    def _loader(self, train: bool):
+    def _loader(self, train: bool, dataset: Optional[TransformedDataset] = None):
         from torch.utils.data import DataLoader
 
         c = self.config
         bs = self.per_device if train else (c.eval_batch_size or 2 * self.per_device)
+        if dataset is None:
+            dataset = self.train_ds if train else self.eval_ds
         # its own generator: a DataLoader without one draws a seed from the global RNG each epoch,
         # which a resumed run (one more iterator, for the partial epoch) would do once more
-        return DataLoader(self.train_ds if train else self.eval_ds, batch_size=bs, shuffle=train, drop_last=train,
+        return DataLoader(dataset, batch_size=bs, shuffle=train, drop_last=train,
                           num_workers=c.num_workers, pin_memory=self.accelerator.device.type == "cuda",
                           generator=torch.Generator().manual_seed(c.seed))
 
@@ -452,19 +776,35 @@ class _Run:
         return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> float:
+    def evaluate(self, model: nn.Module, subset: bool = False, desc: str = "eval") -> float:
+        """Accuracy on the evaluation split (``subset``: the ``eval_subset`` images used during training),
+        with a progress bar; unreadable images skipped under ``skip_bad_images`` are left out (counted in
+        ``self.last_eval``)."""
+        from tqdm.auto import tqdm
+
         acc = self.accelerator
-        loader = acc.prepare_data_loader(self._loader(train=False))
+        ds = self.eval_sub_ds if subset else self.eval_ds
+        loader = acc.prepare_data_loader(self._loader(train=False, dataset=ds))
         was_training = model.training
         model.eval()
-        correct = total = 0
-        for x, y in loader:
+        correct = total = bad = 0
+        t0 = time.perf_counter()
+        what = f"{len(ds)} of {len(self.eval_ds)} images" if ds is not self.eval_ds else f"{len(ds)} images"
+        bar = tqdm(loader, desc=f"{desc} ({what})", leave=False, disable=not acc.is_main_process,
+                   dynamic_ncols=True, unit="batch")
+        for batch in bar:
+            x, y = batch[0], batch[1]
+            valid = batch[2] == 0 if len(batch) > 2 else torch.ones_like(y, dtype=torch.bool)
             with acc.autocast():
                 pred = logits_of(model, x, self.loaded.kind).argmax(-1)
-            pred, y = acc.gather_for_metrics((pred, y))
-            correct += (pred == y).sum().item()
-            total += y.numel()
+            pred, y, valid = acc.gather_for_metrics((pred, y, valid))
+            correct += ((pred == y) & valid).sum().item()
+            total += valid.sum().item()
+            bad += (~valid).sum().item()
+        bar.close()
         model.train(was_training)
+        self.last_eval = dict(eval_images=total, eval_s=round(time.perf_counter() - t0, 3),
+                              **({"bad_images": bad} if self.config.skip_bad_images else {}))
         return correct / max(1, total)
 
     # ---- stages
@@ -499,7 +839,7 @@ class _Run:
         w, T = c.distill_weight, c.temperature
 
         def loss_fn(module, batch):
-            x, y = batch
+            x, y = batch[0], batch[1]
             logits = logits_of(module, x, kind)
             loss = F.cross_entropy(logits, y)
             if w > 0:
@@ -526,11 +866,19 @@ class _Run:
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, self._loader(train=True), scheduler)
         step = 0
         if self.resume is not None and self.resume[1]["stage"] == stage:
-            acc.load_state(str(self.resume[0]))
+            try:
+                acc.load_state(str(self.resume[0]))
+            except Exception as e:  # damage the checks before resuming could not see
+                raise UsageError(f"cannot resume from {self.resume[0]}: {_one_line(e)}; move that folder away to "
+                                 "resume from an older checkpoint") from None
             step = self.resume[1]["stage_step"]
             acc.print(f"resumed {stage} at step {step}/{steps} from {self.resume[0]}")
         steps_per_epoch = math.ceil(len(loader) / c.grad_accum)
-        bar = tqdm(total=steps, initial=step, desc=stage, disable=not acc.is_main_process, dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=step, desc=stage, disable=not acc.is_main_process, dynamic_ncols=True,
+                   unit="step")
+        clock = StageClock(bar)
+        first_step = step
+        bad = torch.zeros((), device=acc.device)
         module.train()
         self.original.eval()  # the frozen original: no dropout / drop-path (module.train() reached it in align)
         while step < steps:
@@ -548,6 +896,8 @@ class _Run:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 running += loss.detach().float() / c.grad_accum
+                if len(batch) > 2:  # skip_bad_images: how many samples of the batch replaced an unreadable one
+                    bad += batch[2].sum()
                 if not acc.sync_gradients:
                     continue
                 scheduler.step()
@@ -557,24 +907,39 @@ class _Run:
                 if step % c.log_every == 0 or step == steps:
                     value = acc.reduce(running.reshape(1), "mean").item()  # type: ignore[union-attr]
                     lr = scheduler.get_last_lr()[0]
+                    extra = {}
+                    if c.skip_bad_images:
+                        extra["bad_images"] = int(acc.reduce(bad.float().reshape(1), "sum").item())
+                        self.bad_images["train"] += extra["bad_images"]
+                        bad.zero_()
                     bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-                    self.metrics.write(stage=stage, step=step, global_step=gstep, epoch=epoch, loss=value, lr=lr)
+                    self.metrics.write(stage=stage, step=step, global_step=gstep, epoch=epoch, loss=value, lr=lr,
+                                       train_s=round(clock.train_s(), 3), **extra)
                 running = 0.0
                 if (c.eval_every and step % c.eval_every == 0) or step == steps:
-                    accuracy = self.evaluate(eval_model(module))
-                    self.metrics.write(stage=stage, step=step, global_step=gstep, eval_accuracy=accuracy)
-                    acc.print(f"{stage} step {step}: eval accuracy {accuracy:.4f}")
+                    with clock.pause("eval"):
+                        accuracy = self.evaluate(eval_model(module), subset=True, desc=f"{stage} eval")
+                    self.metrics.write(stage=stage, step=step, global_step=gstep, eval_accuracy=accuracy,
+                                       **self.last_eval)
+                    acc.print(f"{stage} step {step}: eval accuracy {accuracy:.4f} ({self.last_eval['eval_images']} "
+                              f"images, {self.last_eval['eval_s']:.1f} s)")
                 if step % c.checkpoint_every == 0 or step == steps:
-                    self.save_checkpoint(dict(stage=stage, stage_step=step, stage_steps=steps, global_step=gstep,
-                                              epoch=divmod(step, steps_per_epoch)[0],
-                                              step_in_epoch=divmod(step, steps_per_epoch)[1],
-                                              num_processes=acc.num_processes))
+                    with clock.pause("checkpoint"):
+                        self.save_checkpoint(dict(stage=stage, stage_step=step, stage_steps=steps, global_step=gstep,
+                                                  epoch=divmod(step, steps_per_epoch)[0],
+                                                  step_in_epoch=divmod(step, steps_per_epoch)[1],
+                                                  num_processes=acc.num_processes))
                 if gstep == c.stop_after_step:
                     acc.print(f"--stop-after-step {c.stop_after_step}: exiting abruptly")
                     _hard_exit(STOP_EXIT_CODE)
                 if step >= steps:
                     break
         bar.close()
+        self.timing[stage] = t = clock.summary(step - first_step)
+        if t["steps"]:
+            acc.print(f"{stage}: {t['steps']} steps in {t['train_s']:.1f} s of training ({t['s_per_step']:.3f} s/step); "
+                      f"{t['evals']} evaluation(s) {t['eval_s']:.1f} s, {t['checkpoints']} checkpoint(s) "
+                      f"{t['checkpoint_s']:.1f} s apart")
         trained = eval_model(module)
         if stage == "align":
             self.unwrap(module).remove()
@@ -594,9 +959,8 @@ class _Run:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            done = sorted((p["global_step"], d) for d, p in
-                          ((d, json.loads((d / PROGRESS).read_text())) for d in self.ckpt_dir.glob("step_*")
-                           if (d / PROGRESS).is_file()))
+            # the newest keep_checkpoints by step number (a damaged progress.json must not stop this)
+            done = sorted((_step_of(d), d) for d in self.ckpt_dir.glob("step_*") if _step_of(d) is not None)
             for _, old in done[: max(0, len(done) - max(1, self.config.keep_checkpoints))]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -635,15 +999,22 @@ class _Run:
         return fmt[0]
 
     def __call__(self) -> dict:
-        if self.previous is not None:
-            self.accelerator.print(f"{self.out} already holds a finished run (final.json); nothing to do")
-            return self.previous
+        if self.previous is None:
+            with self._output_lock():
+                self._open_output()
+                if self.previous is None:
+                    return self._train()
+        self.accelerator.print(f"{self.out} already holds a finished run (final.json); nothing to do")
+        return self.previous
+
+    def _train(self) -> dict:
         c, acc = self.config, self.accelerator
         t0 = time.time()
         if self.resume is None:
-            before = self.evaluate(self.student)
-            self.metrics.write(stage="start", step=0, global_step=0, eval_accuracy=before)
-            acc.print(f"converted model before training: eval accuracy {before:.4f}")
+            before = self.evaluate(self.student, subset=True, desc="start eval")
+            self.metrics.write(stage="start", step=0, global_step=0, eval_accuracy=before, **self.last_eval)
+            acc.print(f"converted model before training: eval accuracy {before:.4f} "
+                      f"({self.last_eval['eval_images']} images, {self.last_eval['eval_s']:.1f} s)")
         model = self.student
         resumed_stage = STAGES.index(self.resume[1]["stage"]) if self.resume else -1
         for stage in self.stages:
@@ -652,23 +1023,31 @@ class _Run:
             model = self.train_stage(stage)
         if "finetune" in self.stages and c.lora_rank > 0:
             model = model.merge_and_unload()
-        original_acc, converted_acc = self.evaluate(self.original), self.evaluate(model)
+        t_final = time.perf_counter()
+        original_acc = self.evaluate(self.original, desc="final eval, original")
+        converted_acc = self.evaluate(model, desc="final eval, converted")
+        final_eval = dict(self.last_eval, seconds=round(time.perf_counter() - t_final, 3))
         saved_as = self.save_final(model)
         start = [r for r in self.metrics.records() if r["stage"] == "start"] if acc.is_main_process else []
         result = dict(
             original_accuracy=original_acc, converted_accuracy=converted_acc,
             converted_accuracy_before_training=start[0]["eval_accuracy"] if start else None,
-            eval_images=len(self.eval_ds), classes=self.data.classes, head_reset=self.loaded.head_reset,
+            eval_images=final_eval["eval_images"], intermediate_eval_images=len(self.eval_sub_ds),
+            classes=self.data.classes, head_reset=self.loaded.head_reset,
             stages={s: self.stage_steps[s] for s in self.stages}, num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision, weights=str(self.out / "final" / "model.safetensors"),
             final_format=saved_as,
             conversion=conversion_info(self.student).to_dict(), config=asdict(c),
+            timing={**self.timing, "final_eval_s": final_eval["seconds"]},
             seconds_this_launch=round(time.time() - t0, 1))
+        if c.skip_bad_images:
+            result["bad_images_skipped"] = dict(train=self.bad_images["train"],
+                                                final_eval=final_eval.get("bad_images", 0))
         if acc.is_main_process:
             _write_json(self.out / "final.json", result)
         acc.wait_for_everyone()
         acc.print(f"original accuracy {original_acc:.4f}, converted accuracy {converted_acc:.4f} "
-                  f"({len(self.eval_ds)} images) -> {self.out / 'final.json'}")
+                  f"({final_eval['eval_images']} images) -> {self.out / 'final.json'}")
         return result
 
 
@@ -676,6 +1055,7 @@ def run(config: FinetuneConfig) -> dict:
     """Run (or resume, or return the result of) the fine-tuning described by ``config``.
 
     Returns the content of ``out/final.json``. Raises :class:`UsageError` on bad input, before
-    anything is written to ``config.output_dir``.
+    anything is written to ``config.output_dir``, and when another run holds ``out/run.lock``;
+    :class:`~vit2cbsa.train.data.BadImageError` for an unreadable image (without ``skip_bad_images``).
     """
     return _Run(config)()
