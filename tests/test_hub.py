@@ -230,7 +230,11 @@ def test_hf_folder_has_transformers_config(tmp_path):
     folder = save_pretrained(converted("hf_vit"), tmp_path / "out")
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", CONFIG_NAME]
     hf_config = json.loads((folder / "config.json").read_text())
-    assert hf_config["model_type"] == "vit" and hf_config["architectures"] == ["ViTForImageClassification"]
+    # the base config is wrapped, so plain transformers cannot mistake the folder for a softmax ViT
+    assert hf_config["model_type"] == "vit2cbsa" and hf_config["architectures"] == ["Vit2CBSAForImageClassification"]
+    base = hf_config["base_config"]
+    assert base["model_type"] == "vit" and base["architectures"] == ["ViTForImageClassification"]
+    assert base["hidden_size"] == 32
     assert read_config(folder)["base"] == {"library": "transformers", "class": "ViTForImageClassification",
                                            "task": "image-classification", "config": "config.json",
                                            "attn_implementation": "sdpa"}
@@ -386,6 +390,24 @@ def _rewrite_config(folder, change):
     (folder / CONFIG_NAME).write_text(json.dumps(config))
 
 
+def _forge(folder, change):
+    """Edit the config as an attacker would: also rewrite the binding inside the weights and every checksum,
+    so that only the deeper checks (names, shapes, dtypes, what may be imported) stand in the way."""
+    from safetensors import safe_open
+
+    from vit2cbsa.saved_weights import BINDING_KEY, binding_of_config, canonical
+
+    _rewrite_config(folder, change)
+    _refresh_checksums(folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    for name in config["weights"]:
+        with safe_open(str(folder / name), "pt") as f:
+            metadata = dict(f.metadata() or {"format": "pt"})
+        metadata[BINDING_KEY] = canonical(binding_of_config(config))
+        save_file(load_file(str(folder / name)), str(folder / name), metadata=metadata)
+    _refresh_checksums(folder)
+
+
 def _refresh_checksums(folder):
     from vit2cbsa.hub import _sha256
 
@@ -423,7 +445,14 @@ def _other_architecture(folder):
     other = vit2cbsa.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
                                                embed_dim=32, depth=1, num_heads=2, num_classes=7), "cbsa", 4)
     save_file(other.state_dict(), str(folder / "model.safetensors"))
-    _refresh_checksums(folder)
+    _forge(folder, lambda c: None)
+
+
+def _float8_tensor(folder):
+    state = load_file(str(folder / "model.safetensors"))
+    state["head.weight"] = state["head.weight"].to(torch.float8_e4m3fn)
+    save_file(state, str(folder / "model.safetensors"))
+    _forge(folder, lambda c: None)
 
 
 CORRUPTIONS = {
@@ -439,12 +468,30 @@ CORRUPTIONS = {
                           r"unknown broadcast 'sideways'"),
     "unknown_extra": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(extra_representatives="all")),
                       r"unknown extra_representatives 'all'"),
-    "layers_out_of_range": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(converted_layers=[5])),
+    "layers_out_of_range": (lambda f: _forge(f, lambda c: c["conversion"].update(converted_layers=[5])),
                             r"does not apply .*layer index 5 is out of range"),
+    "edited_broadcast": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(broadcast="key")),
+                         r"does not match the weights it was saved with \(conversion\.broadcast is \"key\" in the "
+                         r"config but \"query\" in the weights\); it was edited after saving"),
+    "edited_grid": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(num_representatives=[1, 1])),
+                    r"conversion\.num_representatives is \[1, 1\] in the config but \[2, 2\] in the weights"),
+    "edited_model_kwargs": (lambda f: _rewrite_config(f, lambda c: c["base"]["model_kwargs"].update(global_pool="avg")),
+                            r"base\.model_kwargs\.global_pool is \"avg\" in the config but \"token\""),
+    "edited_dtype": (lambda f: _rewrite_config(f, lambda c: c.update(dtype="float64")),
+                     r"dtype is \"float64\" in the config but \"float32\" in the weights"),
+    "weights_without_binding": (lambda f: (save_file(load_file(str(f / "model.safetensors")), str(f / "model.safetensors")),
+                                           _refresh_checksums(f)), r"has no vit2cbsa_binding in its metadata"),
+    "dtype_nonsense": (lambda f: _forge(f, lambda c: c.update(dtype="nonsense")),
+                       r"dtype 'nonsense' is not one of float16, bfloat16, float32, float64"),
+    "dtype_float8": (lambda f: _forge(f, lambda c: c.update(dtype="float8_e4m3fn")), r"dtype 'float8_e4m3fn' is not one of"),
+    "float8_tensor": (_float8_tensor, r"1 tensor\(s\) with an unsupported dtype: head\.weight \(saved F8_E4M3, "
+                                      r"expected float16/bfloat16/float32/float64\)"),
     "unsafe_file_name": (lambda f: _rewrite_config(f, lambda c: c["files"].update({"../elsewhere": {"size": 1, "sha256": ""}})),
                          r"malformed: its file list must hold plain file names"),
-    "newer_format": (lambda f: _rewrite_config(f, lambda c: c.update(format_version=99)), r"newer vit2cbsa"),
-    "foreign_class": (lambda f: _rewrite_config(f, lambda c: c["base"].update(architecture=None, **{"class": "os.system"})),
+    "newer_format": (lambda f: _rewrite_config(f, lambda c: c.update(format_version=99, library_version="9.0")),
+                     r"format version 99 \(written by vit2cbsa 9\.0\); this vit2cbsa \(0\.1\.0\) reads format versions "
+                     r"up to 3: upgrade vit2cbsa"),
+    "foreign_class": (lambda f: _forge(f, lambda c: c["base"].update(architecture=None, **{"class": "os.system"})),
                       r"refusing to import 'os\.system'"),
     "other_architecture": (_other_architecture,
                            r"do not match .*missing tensor\(s\): blocks\.1\..*wrong shape: head\.bias \(saved \(7,\), model \(5,\)\)"),
@@ -459,6 +506,33 @@ def test_broken_checkpoints_fail_clearly_and_load_nothing(saved, case):
     with pytest.raises(CheckpointError, match=message):
         from_pretrained(folder)
     assert load_calls == []
+
+
+def test_a_config_asking_for_a_huge_model_is_refused_before_anything_is_allocated(saved, monkeypatch):
+    """embed_dim 8192 x depth 64 beside a tiny file (about 200 GB if built): refused from the header, and the
+    architecture is only ever built on the meta device."""
+    folder, load_calls = saved
+    _forge(folder, lambda c: c["base"]["model_kwargs"].update(embed_dim=8192, depth=64, num_heads=64))
+    import vit2cbsa.hub as hub
+
+    devices = []
+    real_build = hub.BaseModelSpec.build
+    monkeypatch.setattr(hub.BaseModelSpec, "build", lambda self: devices.append(torch.empty(0).device.type) or real_build(self))
+    with pytest.raises(CheckpointError, match=r"do not match .*wrong shape: .*\(saved \(32,\), model \(8192,\)\)"):
+        from_pretrained(folder)
+    assert devices == ["meta"] and load_calls == []
+
+
+def test_each_tensor_keeps_its_saved_dtype(tmp_path):
+    """A float32 model with a float16 head comes back mixed (it used to come back all float32), bit-identical."""
+    model = converted("timm_vit")
+    model.head.half()
+    folder = save_pretrained(model, tmp_path / "out")
+    loaded = from_pretrained(folder)
+    assert loaded.head.weight.dtype == torch.float16 and loaded.blocks[0].attn.mixer.kappa.dtype == torch.float32
+    for k, v in model.state_dict().items():
+        assert loaded.state_dict()[k].dtype == v.dtype
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_missing_folder_or_repo(tmp_path):

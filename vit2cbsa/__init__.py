@@ -9,6 +9,9 @@ __version__ = "0.1.0"
 from .attention import CBSA, VARIANTS  # noqa: E402
 from .convert import ConversionInfo, conversion_info, convert, is_converted, layout_of, new_parameters  # noqa: E402
 from .hub import CheckpointError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
+from .hf_auto import register as _register_with_transformers  # noqa: E402
+
+_register_with_transformers()  # transformers' Auto classes and pipeline() load vit2cbsa folders (vit2cbsa.hf_auto)
 
 __all__ = [
     "CBSA",

@@ -5,17 +5,22 @@ from the Hugging Face Hub)::
 
     model.safetensors          weights under the pretrained names plus ``mixer.*``; above
                                ``max_shard_size``: model-0000k-of-0000n.safetensors + model.safetensors.index.json
-    config.json                transformers models: their config
+    config.json                transformers models: model_type "vit2cbsa" wrapping the base config
+                               (see vit2cbsa.hf_auto: plain transformers refuses it, Auto classes load it
+                               after ``import vit2cbsa``)
     preprocessor_config.json   optional: an image processor saved alongside
     vit2cbsa_config.json       written last: conversion options, how to rebuild the base
                                model, and the size and sha256 of every other file
 
 Saving is atomic: everything goes into a temporary folder next to the target, the marker
-``vit2cbsa_config.json`` last, and the folder is then renamed into place. Loading never
-downloads the original pretrained weights: it rebuilds the base architecture (timm
-``create_model(name, pretrained=False, **kwargs)`` or transformers ``Model._from_config``),
-converts it with the saved options, checks every file and every tensor name and shape, and
-only then copies the weights in.
+``vit2cbsa_config.json`` last, and the folder is then renamed into place (temporary folders left
+by a killed save are removed by the next save to the same place). Every output-changing entry of
+the config is bound to the weights (``vit2cbsa.saved_weights``). Loading never downloads the
+original pretrained weights and never runs code from the folder: it checks every file's size and
+sha256, the binding, and every tensor's name, shape and dtype against the architecture rebuilt on
+the meta device (timm ``create_model(name, pretrained=False, **kwargs)`` or transformers
+``Model._from_config``, converted with the saved options); only then is the model built with
+real memory and the weights copied in.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ import importlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -38,22 +46,23 @@ from torch import nn
 from . import __version__
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
 from .convert import SAVED_DEFAULTS, ConversionInfo, conversion_info, convert, saved_options, uncompiled
+from .errors import CheckpointError
+from .errors import one_line as _one_line
+from .hf_auto import MODEL_TYPE as HF_MODEL_TYPE
 from .layout import EXTRA_REPRESENTATIVES
+from .saved_weights import (BINDING_KEY, apply_saved_dtypes, bound_files, canonical, check_binding, dtype_name,
+                            expected_tensors, make_binding, parse_dtype, read_headers, tensor_problems)
 
 CONFIG_NAME = "vit2cbsa_config.json"
 # 2: the conversion also records extra_representatives and prefix_broadcast (version 1 folders: "none", "all"),
 # so a vit2cbsa that does not know them refuses these folders instead of loading a different network
-FORMAT_VERSION = 2
+# 3: the config is bound to the weights (safetensors metadata), transformers' config.json wraps the base config
+FORMAT_VERSION = 3
 _BASE_ATTR = "_vit2cbsa_base"  # on a loaded model: its BaseModelSpec, reused when it is saved again
 _BASE_MODEL_ATTR = "_vit2cbsa_base_model"  # ... and the Hub id of its original pretrained model
 _DROP_KEYS = ("drop_rate", "drop_path_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate")
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class CheckpointError(ValueError):
-    """A vit2cbsa folder that cannot be loaded: a missing, truncated or corrupt file, an unknown
-    option, or weights that do not match the model the folder describes."""
 
 
 # --------------------------------------------------------------------------- base model identity
@@ -94,12 +103,7 @@ class BaseModelSpec:
         if library == "transformers":
             if folder is None:
                 raise CheckpointError("a transformers base model needs its config.json")
-            from transformers import AutoConfig
-
-            try:
-                hf_config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{folder / 'config.json'} cannot be read: {_one_line(e)}") from e
+            hf_config = read_hf_config(folder)
         cfg = d.get("pretrained_cfg")
         if cfg is not None:
             cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
@@ -125,6 +129,51 @@ class BaseModelSpec:
             raise CheckpointError(f"transformers has no model class {self.cls!r} (this transformers is {transformers.__version__})")
         kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
         return model_cls._from_config(copy.deepcopy(self.hf_config), **kwargs)
+
+
+def read_hf_config(folder: Path) -> Any:
+    """The base transformers config of a saved folder, built from transformers' own config classes only.
+
+    ``config.json`` is read as JSON (never through ``AutoConfig``, which could ask on stdin to run
+    the folder's code): format 3 wraps the base config under ``base_config``, older folders hold it
+    directly. A config naming custom code (``auto_map``) or a ``model_type`` transformers does not
+    know is refused.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    path = folder / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read: {_one_line(e)}") from e
+    if isinstance(data, dict) and data.get("model_type") == HF_MODEL_TYPE:
+        data = data.get("base_config")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is malformed: expected a JSON object with the base model's config")
+    model_type = data.get("model_type")
+    if "auto_map" in data:
+        raise CheckpointError(f"{path} asks to run the folder's own Python code (auto_map: {sorted(data['auto_map'])}); "
+                              "vit2cbsa never runs code from a checkpoint")
+    if model_type == HF_MODEL_TYPE or not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{path} names model_type {model_type!r}, which this transformers does not know; "
+                              "vit2cbsa only rebuilds transformers' own architectures")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(data)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a valid {model_type} config: {_one_line(e)}") from e
+
+
+def _hf_config_json(model: nn.Module, task: str) -> Dict[str, Any]:
+    """The ``config.json`` of a converted transformers model: the base config wrapped in model_type "vit2cbsa"."""
+    import transformers
+
+    base = json.loads(model.config.to_json_string(use_diff=False))
+    base["architectures"] = [type(model).__name__]
+    wrapper = "Vit2CBSAForImageClassification" if task == "image-classification" else "Vit2CBSAModel"
+    return {"model_type": HF_MODEL_TYPE, "architectures": [wrapper], "base_config": base,
+            "transformers_version": transformers.__version__,
+            "loading": "a model converted to CBSA attention: load it with vit2cbsa.from_pretrained(folder), or "
+                       "`import vit2cbsa` first and then transformers' Auto classes or pipeline()"}
 
 
 def _import_class(path: str, allowed_prefix: str) -> type:
@@ -238,26 +287,6 @@ def _shapes(model: nn.Module) -> Dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _shape_problems(expected: Mapping[str, tuple], found: Mapping[str, tuple], limit: int = 5) -> List[str]:
-    """Human-readable differences between two ``name -> shape`` maps (empty if they agree)."""
-    def names(keys: List[str]) -> str:
-        keys = sorted(keys)
-        return ", ".join(keys[:limit]) + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    out = []
-    if missing:
-        out.append(f"{len(missing)} missing tensor(s): {names(missing)}")
-    if unexpected:
-        out.append(f"{len(unexpected)} unexpected tensor(s): {names(unexpected)}")
-    if wrong:
-        out.append(f"{len(wrong)} tensor(s) with the wrong shape: " + ", ".join(
-            f"{k} (saved {tuple(found[k])}, model {tuple(expected[k])})" for k in sorted(wrong)[:limit]))
-    return out
-
-
 def _convert_like(model: nn.Module, info: ConversionInfo) -> nn.Module:
     return convert(model, **info.options())
 
@@ -267,11 +296,12 @@ def _verify_rebuild(spec: BaseModelSpec, model: nn.Module, info: ConversionInfo)
     hint = ("; pass save_pretrained(..., model_kwargs={...}) with the model's constructor arguments "
             f"(tried: {spec.model_kwargs})" if spec.library == "timm" else "")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the conversion's own warnings were given when the model was converted
             rebuilt = _convert_like(spec.build(), info)
     except Exception as e:
         raise ValueError(f"vit2cbsa: cannot rebuild this model from {spec.describe()}: {_one_line(e)}{hint}") from e
-    problems = _shape_problems(_shapes(model), _shapes(rebuilt))
+    problems = tensor_problems(expected_tensors(model), _shapes(rebuilt))
     if not problems:
         for mine, theirs in zip(repr(model).splitlines(), repr(rebuilt).splitlines()):
             if mine != theirs:
@@ -293,13 +323,45 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) < 400 else text[:397] + "..."
-
-
 def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+_HOST = socket.gethostname()
+
+
+def _tmp_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(target: Path, max_age_s: float = 3600.0) -> None:
+    """Remove what killed saves to ``target`` left next to it: ``.NAME.tmp-HOST-PID-*`` folders of a dead
+    process on this host, and older-style ``.NAME.tmp-*`` / ``.NAME.old-*`` folders untouched for an hour."""
+    if not target.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        prefix = _tmp_prefix(target, kind)
+        for entry in target.parent.iterdir():
+            if not (entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink()):
+                continue
+            host, _, rest = entry.name[len(prefix):].partition("--")
+            pid = rest.partition("--")[0]
+            if host == _HOST and pid.isdigit():
+                stale = not _pid_alive(int(pid))
+            else:
+                stale = time.time() - entry.stat().st_mtime > max_age_s
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -307,10 +369,23 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     if not target.exists():
         os.rename(tmp, target)
         return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    old = target.with_name(f"{_tmp_prefix(target, 'old')}{_HOST}--{os.getpid()}--{uuid.uuid4().hex[:8]}")
     os.rename(target, old)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _conversion_json(info: ConversionInfo) -> Dict[str, Any]:
+    return {
+        "variant": info.variant,
+        "num_representatives": list(info.num_representatives),
+        "broadcast": info.broadcast,
+        "extra_representatives": info.extra_representatives,
+        "prefix_broadcast": info.prefix_broadcast,
+        "converted_layers": info.converted_indices,
+        "num_attention_layers": info.num_attention_layers,
+        "layer_names": [layer.name for layer in info.converted],
+    }
 
 
 def save_pretrained(
@@ -346,10 +421,13 @@ def save_pretrained(
         from what would be saved (nothing is written then).
     """
     model = uncompiled(model)
+    if hasattr(model, "peft_config") and hasattr(model, "merge_and_unload"):
+        raise TypeError(f"vit2cbsa: this is a PEFT {type(model).__name__} (LoRA adapters on top of the model): "
+                        "save the merged model with save_pretrained(model.merge_and_unload(), ...), or only the "
+                        "adapters with PEFT's model.save_pretrained(folder)")
     info = conversion_info(model)
     if info is None:
-        raise ValueError("vit2cbsa: this model is not converted; call vit2cbsa.convert(model, ...) first "
-                         "(for a PEFT model, merge_and_unload() it first)")
+        raise ValueError("vit2cbsa: this model is not converted; call vit2cbsa.convert(model, ...) first")
     spec = base_spec(model, model_kwargs)
     _verify_rebuild(spec, model, info)
     base_model = base_model or getattr(model, _BASE_MODEL_ATTR, None)
@@ -364,45 +442,46 @@ def save_pretrained(
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / CONFIG_NAME).is_file())):
         raise FileExistsError(f"vit2cbsa: {target} exists and is not a vit2cbsa folder; refusing to overwrite it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(target, 'tmp')}{_HOST}--{os.getpid()}--", dir=target.parent))
     try:
-        from huggingface_hub import save_torch_state_dict
-        from safetensors import safe_open
+        from huggingface_hub import split_torch_state_dict_into_shards
+        from safetensors.torch import save_file
 
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-        save_torch_state_dict(state, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
-        weights = sorted(p.name for p in tmp.glob("model*.safetensors"))
-        written = set()
-        for name in weights:
-            with safe_open(str(tmp / name), "pt") as f:
-                written.update(f.keys())
-        if written != set(state):
-            raise ValueError("vit2cbsa: tensors sharing memory cannot be saved: "
-                             + ", ".join(sorted(set(state) - written)))
         if spec.library == "transformers":
-            hf_config = copy.deepcopy(model.config)
-            hf_config.architectures = [type(model).__name__]
-            hf_config.save_pretrained(str(tmp))
+            (tmp / "config.json").write_text(json.dumps(_hf_config_json(model, spec.task), indent=2) + "\n")
         if image_processor is not None:
             image_processor.save_pretrained(str(tmp))
+        conversion = _conversion_json(info)
+        dtype = dtype_name(_model_dtype(model))
+        binding = make_binding(FORMAT_VERSION, conversion, spec.to_json(), dtype,
+                               {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()})
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        pointers: Dict[Any, List[str]] = {}
+        for k, v in state.items():
+            if v.numel():
+                pointers.setdefault((v.untyped_storage().data_ptr(), v.device), []).append(k)
+        shared = sorted(k for names in pointers.values() if len(names) > 1 for k in names)
+        if shared:
+            raise ValueError("vit2cbsa: tensors sharing memory cannot be saved: " + ", ".join(shared))
+        # every shard carries the binding (huggingface_hub's writer puts metadata in the index only when sharded)
+        split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+        for filename, names in split.filename_to_tensors.items():
+            save_file({k: state[k].contiguous() for k in names}, str(tmp / filename),
+                      metadata={"format": "pt", BINDING_KEY: canonical(binding)})
+        if split.is_sharded:
+            index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        weights = sorted(split.filename_to_tensors)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         config = {
             "format": "vit2cbsa",
             "format_version": FORMAT_VERSION,
             "library_version": __version__,
-            "conversion": {
-                "variant": info.variant,
-                "num_representatives": list(info.num_representatives),
-                "broadcast": info.broadcast,
-                "extra_representatives": info.extra_representatives,
-                "prefix_broadcast": info.prefix_broadcast,
-                "converted_layers": info.converted_indices,
-                "num_attention_layers": info.num_attention_layers,
-                "layer_names": [layer.name for layer in info.converted],
-            },
+            "conversion": conversion,
             "base": spec.to_json(),
             "base_model": base_model,
-            "dtype": str(_model_dtype(model)).replace("torch.", ""),
+            "dtype": dtype,
             "weights": weights,
             "files": {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files},
         }
@@ -457,8 +536,13 @@ def read_config(folder: PathLike) -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt): {_one_line(e)}") from e
     if not isinstance(config, dict) or config.get("format") != "vit2cbsa":
         raise CheckpointError(f"{path} is not a vit2cbsa config")
-    if not isinstance(config.get("format_version"), int) or config["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(f"{path} was written by a newer vit2cbsa ({config.get('library_version')}); upgrade vit2cbsa")
+    version = config.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path} is malformed: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {version} (written by vit2cbsa "
+                              f"{config.get('library_version', '?')}); this vit2cbsa ({__version__}) reads format "
+                              f"versions up to {FORMAT_VERSION}: upgrade vit2cbsa")
     try:
         conv = config["conversion"]
         variant, broadcast, grid = conv["variant"], conv["broadcast"], conv["num_representatives"]
@@ -483,6 +567,8 @@ def read_config(folder: PathLike) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: num_representatives must be [h, w], got {grid!r}")
     if not (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers)):
         raise CheckpointError(f"{path}: converted_layers must be a list of layer indices, got {layers!r}")
+    config.setdefault("dtype", "float32")  # folders of format 1 before the entry existed
+    parse_dtype(config["dtype"], str(path))
     return config
 
 
@@ -501,34 +587,19 @@ def _check_files(folder: Path, config: Mapping[str, Any]) -> None:
         raise CheckpointError(f"{folder / CONFIG_NAME} lists no checksummed weight files")
 
 
-def _read_weights(folder: Path, weights: Sequence[str], expected: Mapping[str, tuple]) -> Dict[str, torch.Tensor]:
-    """All tensors of the weight files, after checking their names and shapes against ``expected``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    found: Dict[str, tuple] = {}
-    for name in weights:
-        try:
-            with safe_open(str(folder / name), "pt") as f:
-                for key in f.keys():
-                    if key in found:
-                        raise CheckpointError(f"{folder}: tensor {key} is stored twice")
-                    found[key] = tuple(f.get_slice(key).get_shape())
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{folder / name} is not a readable safetensors file: {_one_line(e)}") from e
-    problems = _shape_problems(expected, found)
-    if problems:
-        raise CheckpointError(f"{folder}: the weights do not match the model described by {CONFIG_NAME} "
-                              f"(a checkpoint of another architecture?): " + "; ".join(problems))
-    state: Dict[str, torch.Tensor] = {}
-    for name in weights:
-        try:
-            state.update(load_file(str(folder / name)))
-        except Exception as e:
-            raise CheckpointError(f"{folder / name} cannot be read: {_one_line(e)}") from e
-    return state
+def _build(spec: BaseModelSpec, config: Mapping[str, Any], folder: Path) -> nn.Module:
+    """The base architecture of ``spec`` in the config's dtype, converted with its saved options."""
+    try:
+        model = spec.build()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{folder}: cannot rebuild the base model {spec.describe()}: {_one_line(e)}") from e
+    model.to(parse_dtype(config["dtype"], str(folder / CONFIG_NAME)))
+    try:
+        return convert(model, **saved_options(config["conversion"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder}: the saved conversion does not apply to {spec.describe()}: {_one_line(e)}") from e
 
 
 def from_pretrained(
@@ -542,11 +613,13 @@ def from_pretrained(
 ) -> nn.Module:
     """Load a converted model saved by :func:`save_pretrained`, from a folder or a Hub repo.
 
-    The base architecture is rebuilt without downloading its original weights, converted with
-    the saved options, and the saved weights are loaded strictly: every file is checked against
-    its recorded size and sha256, every tensor name and shape against the model, and only then
-    are the weights copied in. Hub repos go through ``huggingface_hub.snapshot_download`` (so
-    the Hub cache, ``HF_HUB_OFFLINE`` and tokens work as usual).
+    Nothing from the folder is executed and nothing is allocated before it is checked: every file
+    against its recorded size and sha256, the config against the binding stored in the weights
+    (an edited config is refused), and every tensor's name, shape and dtype against the base
+    architecture rebuilt and converted on the meta device. Only then is the model built for real
+    (without downloading its original weights) and the weights copied in; each floating tensor
+    keeps the dtype it was saved in. Hub repos go through ``huggingface_hub.snapshot_download``
+    (so the Hub cache, ``HF_HUB_OFFLINE`` and tokens work as usual).
 
     Args:
         path_or_repo_id: a local folder, or a Hub model repo id such as ``"user/vit-cbsa"``.
@@ -560,25 +633,32 @@ def from_pretrained(
         CheckpointError (a ``ValueError``) for a missing, truncated or corrupt file, an unknown
         variant, or weights that do not match; FileNotFoundError if the folder or repo cannot be found.
     """
+    from safetensors.torch import load_file
+
     folder = _resolve_folder(path_or_repo_id, revision, cache_dir, token, local_files_only)
     config = read_config(folder)
     _check_files(folder, config)
+    header = read_headers(folder, config["weights"])
+    if config["format_version"] >= 3:
+        check_binding(header, config, folder)
+    else:
+        warnings.warn(f"{folder} was saved by an older vit2cbsa (format {config['format_version']}): its config is not "
+                      "bound to its weights; save it again to protect it against edits", stacklevel=2)
     spec = BaseModelSpec.from_json(config["base"], folder)
-    try:
-        model = spec.build()
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"{folder}: cannot rebuild the base model {spec.describe()}: {_one_line(e)}") from e
-    dtype = getattr(torch, str(config.get("dtype", "float32")), None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-        model.to(dtype)
-    conv = config["conversion"]
-    try:
-        convert(model, **saved_options(conv))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder}: the saved conversion does not apply to {spec.describe()}: {_one_line(e)}") from e
-    state = _read_weights(folder, config["weights"], _shapes(model))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # given once, by the real build below
+        problems = tensor_problems(expected_tensors(_build(spec, config, folder)), header.shapes, header.codes)
+    if problems:
+        raise CheckpointError(f"{folder}: the weights do not match the model described by {CONFIG_NAME} "
+                              f"(a checkpoint of another architecture?): " + "; ".join(problems))
+    model = _build(spec, config, folder)
+    apply_saved_dtypes(model, header)
+    state: Dict[str, torch.Tensor] = {}
+    for name in config["weights"]:
+        try:
+            state.update(load_file(str(folder / name)))
+        except Exception as e:
+            raise CheckpointError(f"{folder / name} cannot be read: {_one_line(e)}") from e
     model.load_state_dict(state, strict=True)
     object.__setattr__(model, _BASE_ATTR, spec)
     object.__setattr__(model, _BASE_MODEL_ATTR, config.get("base_model"))
