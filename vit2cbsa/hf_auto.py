@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict, List, Optional
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, PretrainedConfig
 
 MODEL_TYPE = "vit2cbsa"
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
@@ -36,8 +36,9 @@ class Vit2CBSAConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class _Vit2CBSALoader(PreTrainedModel):
-    """Never instantiated: ``from_pretrained`` hands over to :func:`vit2cbsa.from_pretrained`."""
+class _Vit2CBSALoader:
+    """Never instantiated: ``from_pretrained`` hands over to :func:`vit2cbsa.from_pretrained` and returns the
+    converted transformers model (not importing ``PreTrainedModel`` keeps ``import vit2cbsa`` light)."""
 
     config_class = Vit2CBSAConfig
     _wants_head: bool = False

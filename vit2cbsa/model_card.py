@@ -249,7 +249,10 @@ def render_model_card(
         "out = model(pixels)" if library == "timm" else "out = model(pixel_values=pixels)",
         "```",
         "",
-        "Needs the `vit2cbsa` package; the original pretrained weights are not downloaded.",
+        "Needs the `vit2cbsa` package; the original pretrained weights are not downloaded."
+        + (" After `import vit2cbsa`, transformers' `AutoModelForImageClassification.from_pretrained` / `AutoModel` and "
+           "`pipeline(...)` load it too (without vit2cbsa, transformers refuses the unknown model type `vit2cbsa` "
+           "rather than loading the original softmax model)." if library != "timm" else ""),
         "",
         "## Citation",
         "",
