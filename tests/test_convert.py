@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 import vit2cbsa
+import vit2cbsa.convert as convert_module
 from vit2cbsa.adapters import ConvertedAttention
+from vit2cbsa.convert import RepresentativesWarning
 
 
 def tiny_vit(**kw):
@@ -118,7 +120,8 @@ def test_block_called_alone_needs_grid():
 
 def test_representative_grid_larger_than_patch_grid_degrades_to_patches():
     model = tiny_vit(dynamic_img_size=True).eval()
-    big = vit2cbsa.convert(model, "cbsa", (16, 16), inplace=False)
+    with pytest.warns(RepresentativesWarning, match="not fewer than the 4x4=16 patches"):
+        big = vit2cbsa.convert(model, "cbsa", (16, 16), inplace=False)
     exact = vit2cbsa.convert(model, "cbsa", (2, 4), inplace=False)
     x = torch.randn(1, 3, 16, 32)  # a 2x4 patch grid
     torch.testing.assert_close(big(x), exact(x))
@@ -146,3 +149,80 @@ def test_peft_lora_targets_pretrained_projections():
         peft_model(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
         opt.step()
     assert torch.equal(model.blocks[0].attn.qkv.base_layer.weight, frozen)
+
+
+# --------------------------------------------------------------------------- layer specs as strings, bad selectors
+
+
+@pytest.mark.parametrize("layers,expected", [("6:", []), ("2:", [2, 3]), ("all", [0, 1, 2, 3]), ("-1", [3]),
+                                             ("0,2", [0, 2]), ("::2", [0, 2])])
+def test_layers_accepts_the_command_line_syntax(layers, expected):
+    if not expected:  # 4 layers: "6:" selects none, said as for a slice
+        with pytest.raises(ValueError, match=r"layers='6:' selects none of the 4 attention layers"):
+            vit2cbsa.convert(tiny_vit(), "cbsa", 4, layers=layers)
+        return
+    model = vit2cbsa.convert(tiny_vit(), "cbsa", 4, layers=layers)
+    assert converted_indices(model) == expected
+
+
+@pytest.mark.parametrize("layers,exc,match", [
+    (1.5, TypeError, r"layers=1.5 \(float\) is not a layer selector; layers accepts None \(all\), an index, .*"
+                     r"a string as on the command line \('all', '3', '0,1,2', '6:'\)"),
+    ("six:", ValueError, r"layers='six:' is not a layer spec; layers accepts None \(all\)"),
+    ([0, 1.0], TypeError, r"layers must hold integer block indices, got 1.0; layers accepts"),
+    ({"a": 1}, TypeError, r"is not a layer selector"),
+])
+def test_bad_layer_selectors_say_what_is_accepted(layers, exc, match):
+    model = tiny_vit()
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        vit2cbsa.convert(model, "cbsa", 4, layers=layers)
+    assert_unchanged(model, snap)
+
+
+def test_numpy_and_torch_integer_indices():
+    np = pytest.importorskip("numpy")
+    assert converted_indices(vit2cbsa.convert(tiny_vit(), "cbsa", 4, layers=np.int64(2))) == [2]
+    assert converted_indices(vit2cbsa.convert(tiny_vit(), "cbsa", 4, layers=[torch.tensor(0), np.int32(-1)])) == [0, 3]
+
+
+# --------------------------------------------------------------------------- hybrid CNN stems
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("vit_tiny_r_s16_p8_224", dict(img_size=64, depth=2)),     # CNN stem, then a patchify conv (8x8, stride 8)
+    ("vit_small_r26_s32_224", dict(img_size=64, depth=1)),     # CNN stem, then a 1x1 conv
+])
+def test_hybrid_cnn_stem_is_a_type_error_naming_it(name, kw):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kw)
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"^vit2cbsa: VisionTransformer is a hybrid ViT with a CNN stem "
+                                        r"\(patch_embed is a HybridEmbed\), which is not supported"):
+        vit2cbsa.convert(model)
+    assert_unchanged(model, snap)
+
+
+# --------------------------------------------------------------------------- the grid actually used
+
+
+def test_info_says_which_grid_is_used_and_warns_when_nothing_is_saved():
+    with pytest.warns(RepresentativesWarning) as caught:
+        model = vit2cbsa.convert(tiny_vit(), "cbsa", 10000)  # a 100x100 grid on a 4x4 patch grid
+    message = str(caught[0].message)
+    assert message == ("vit2cbsa: 100x100 representatives are not fewer than the 4x4=16 patches of the model's own "
+                       "input size: every patch is its own representative (4x4 used), so the converted layers save "
+                       "nothing there and cost more than softmax; use fewer than 4x4, e.g. 2x2")
+    info = vit2cbsa.conversion_info(model)
+    assert info.patch_grid == (4, 4) and info.grid_used() == (4, 4) and info.grid_used((200, 3)) == (100, 3)
+    assert info.saves_nothing() and not info.saves_nothing((200, 200))
+    assert "4x4=16 pooled (100x100 asked, clamped to the 4x4 patch grid) + one per prefix token" in str(info)
+    assert info.representatives_text(1, (2, 8)) .startswith("2x8=16 pooled (100x100 asked, clamped to the 2x8 patch")
+    assert info.to_dict()["patch_grid"] == [4, 4]
+    # fewer representatives than patches: no warning, the asked grid is the one used
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RepresentativesWarning)
+        small = vit2cbsa.convert(tiny_vit(), "cbsa", (2, 4))
+        vit2cbsa.convert(tiny_vit(), "linear", 10000)  # linear has no representatives
+    assert "2x4=8 pooled + one per prefix token" in str(vit2cbsa.conversion_info(small))

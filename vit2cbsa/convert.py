@@ -11,19 +11,29 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
-from . import __version__
+from . import __version__, specs
 from .adapters import ADAPTERS, Adapter, ConvertedAttention, find_adapter
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS, build_mixer
-from .layout import EXTRA_REPRESENTATIVES, GridLike, GridRecorder, TokenLayout, as_grid
+from .layout import EXTRA_REPRESENTATIVES, GridLike, GridRecorder, TokenLayout, as_grid, effective_grid
 
 logger = logging.getLogger("vit2cbsa")
 
-LayerSelector = Union[None, int, Sequence[int], slice, Callable[[int, str, nn.Module], bool]]
+LayerSelector = Union[None, int, str, Sequence[int], slice, Callable[[int, str, nn.Module], bool]]
+
+#: what ``layers=`` accepts, for error messages
+LAYER_SELECTORS = ("None (all), an index, a sequence of indices, a slice such as slice(6, None), a string as on "
+                   "the command line ('all', '3', '0,1,2', '6:') or a predicate f(index, name, module)")
+
+
+class RepresentativesWarning(UserWarning):
+    """The representative grid is not smaller than the patch grid: the conversion saves nothing there."""
 
 _INFO_ATTR = "vit2cbsa_info"
 _LAYOUT_ATTR = "_vit2cbsa_layout"
@@ -53,18 +63,46 @@ class ConversionInfo:
     library_version: str = __version__
     extra_representatives: str = "none"
     prefix_broadcast: str = "all"
+    #: the patch grid of the model's own input size, where the model has one (``None`` otherwise)
+    patch_grid: Optional[Tuple[int, int]] = None
 
     @property
     def converted_indices(self) -> List[int]:
         return [layer.index for layer in self.converted]
 
-    def representatives_text(self, num_prefix: Optional[int] = None) -> str:
+    def grid_used(self, patch_grid: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        """The pooled representative grid used on a ``patch_grid`` input (default: the model's own): the asked
+        grid, each axis clamped to the patch grid."""
+        patch_grid = patch_grid or self.patch_grid
+        if patch_grid is None:
+            return tuple(self.num_representatives)
+        return effective_grid(tuple(self.num_representatives), *patch_grid)
+
+    def saves_nothing(self, patch_grid: Optional[Tuple[int, int]] = None) -> bool:
+        """True when, on a ``patch_grid`` input, the pooled representatives are not fewer than the patches
+        (every patch is its own representative): the converted layers then cost more than softmax."""
+        patch_grid = patch_grid or self.patch_grid
+        if patch_grid is None or self.variant == "linear":
+            return False
+        gh, gw = self.grid_used(patch_grid)
+        return gh * gw >= patch_grid[0] * patch_grid[1]
+
+    def representatives_text(self, num_prefix: Optional[int] = None,
+                             patch_grid: Optional[Tuple[int, int]] = None) -> str:
         """E.g. ``"4x4=16 pooled + one per prefix token (read back by that token alone) representatives"``; with
-        ``num_prefix`` (the prefix tokens of an input) the count instead of "one per prefix token"."""
+        ``num_prefix`` (the prefix tokens of an input) the count instead of "one per prefix token"; with
+        ``patch_grid`` (the patch grid of an input) the grid actually used on it, e.g.
+        ``"14x14=196 pooled (100x100 asked, clamped to the 14x14 patch grid) + 1 prefix ..."``."""
         gh, gw = self.num_representatives
+        clamped = ""
+        if patch_grid is not None:
+            uh, uw = self.grid_used(patch_grid)
+            if (uh, uw) != (gh, gw):
+                clamped = f" ({gh}x{gw} asked, clamped to the {patch_grid[0]}x{patch_grid[1]} patch grid)"
+                gh, gw = uh, uw
         per_prefix = "one per prefix token" if num_prefix is None else f"{num_prefix} prefix"
-        extra = {"prefix": f" pooled + {per_prefix}", "global": " pooled + 1 global", "none": ""}[
-            self.extra_representatives]
+        extra = {"prefix": f" pooled{clamped} + {per_prefix}", "global": f" pooled{clamped} + 1 global",
+                 "none": f"{clamped}"}[self.extra_representatives]
         if self.extra_representatives == "prefix":
             extra += " (read back " + ("by that token alone)" if self.prefix_broadcast == "own" else "by all tokens)")
         return f"{gh}x{gw}={gh * gw}{extra} representatives"
@@ -78,10 +116,11 @@ class ConversionInfo:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["num_representatives"] = list(self.num_representatives)
+        d["patch_grid"] = list(self.patch_grid) if self.patch_grid is not None else None
         return d
 
     def __str__(self) -> str:
-        how = "" if self.variant == "linear" else f" ({self.representatives_text()}, broadcast={self.broadcast!r})"
+        how = "" if self.variant == "linear" else f" ({self.representatives_text(patch_grid=self.patch_grid)}, broadcast={self.broadcast!r})"
         rows = [
             f"vit2cbsa: converted {len(self.converted)}/{self.num_attention_layers} attention layers to "
             f"{self.variant!r}{how}; patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",
@@ -90,33 +129,76 @@ class ConversionInfo:
         return "\n".join(rows)
 
 
+def _as_index(value: object) -> Optional[int]:
+    """``value`` as a Python int if it is an integer (also numpy / 0-d torch integers), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def _select(selector: LayerSelector, candidates: List[Tuple[str, nn.Module]]) -> List[int]:
     n = len(candidates)
+    if isinstance(selector, str):  # the command-line syntax: "all", "3", "0,1,2", "6:"
+        try:
+            selector = specs.parse_layers(selector)
+        except ValueError:
+            raise ValueError(f"layers={selector!r} is not a layer spec; layers accepts {LAYER_SELECTORS}") from None
     if selector is None:
         return list(range(n))
     if isinstance(selector, slice):
         return list(range(n))[selector]
     if callable(selector):
         return [i for i, (name, mod) in enumerate(candidates) if selector(i, name, mod)]
-    if isinstance(selector, bool):
-        raise TypeError("layers must be None, an index, a sequence of indices, a slice or a predicate; got a bool")
-    indices = [selector] if isinstance(selector, int) else list(selector)
+    index = _as_index(selector)
+    if index is not None:
+        indices = [index]
+    elif isinstance(selector, (list, tuple, range)) or (
+            hasattr(selector, "__iter__") and not isinstance(selector, (dict, bytes, bytearray))):
+        indices = list(selector)  # type: ignore[arg-type]
+    else:
+        raise TypeError(f"layers={selector!r} ({type(selector).__name__}) is not a layer selector; layers accepts "
+                        f"{LAYER_SELECTORS}")
     out = []
     for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"layers must hold integer block indices, got {i!r}")
+        if _as_index(i) is None:
+            raise TypeError(f"layers must hold integer block indices, got {i!r}; layers accepts {LAYER_SELECTORS}")
+        i = _as_index(i)
         if not -n <= i < n:
             raise ValueError(f"layer index {i} is out of range: the model has {n} convertible attention layers (0..{n - 1})")
         out.append(i % n)
     return sorted(set(out))
 
 
+def _is_peft(module: nn.Module) -> bool:
+    return type(module).__module__.split(".")[0] == "peft"
+
+
+def _adapter_internals(model: nn.Module) -> List[str]:
+    """Name prefixes of the modules a PEFT layer adds next to the layer it wraps (``lora_A``, ``lora_B``, ...):
+    everything under a PEFT layer (one with a ``base_layer``) but its ``base_layer``."""
+    prefixes = []
+    for name, m in model.named_modules():
+        if _is_peft(m) and isinstance(getattr(m, "base_layer", None), nn.Module):
+            for child, _ in m.named_children():
+                if child != "base_layer":
+                    prefixes.append(f"{name}.{child}" if name else child)
+    return prefixes
+
+
 def find_patch_embedding(model: nn.Module) -> Tuple[str, nn.Conv2d]:
-    """The model's patchify convolution (``kernel_size == stride``), whose output grid is the patch grid."""
+    """The model's patchify convolution (``kernel_size == stride``), whose output grid is the patch grid.
+
+    Under PEFT (LoRA on the patch embedding), the wrapped convolution (``base_layer``) is the one found,
+    not the adapter's own ``lora_A`` convolution."""
+    internal = tuple(p + "." for p in _adapter_internals(model))
     convs = [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride) and max(m.stride) > 1
+        and not (name + ".").startswith(internal or ("\0",))
     ]
     if not convs:
         raise ValueError(
@@ -135,6 +217,57 @@ def find_patch_embedding(model: nn.Module) -> Tuple[str, nn.Conv2d]:
 
 def _unsupported_attention_names(model: nn.Module) -> List[str]:
     return sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
+
+
+#: patch embeddings that run a CNN before the tokens (timm hybrid ViTs such as ``vit_small_r26_s32_224``)
+_CNN_STEMS = ("HybridEmbed", "HybridEmbedWithSize")
+
+
+def _check_no_cnn_stem(model: nn.Module) -> None:
+    stems = [(name, type(m).__name__) for name, m in model.named_modules() if type(m).__name__ in _CNN_STEMS]
+    if stems:
+        name, cls = stems[0]
+        raise TypeError(
+            f"vit2cbsa: {type(model).__name__} is a hybrid ViT with a CNN stem ({name or 'the model'} is a {cls}), "
+            "which is not supported: its tokens come from a CNN feature map, not from a patch embedding. "
+            "Use a plain ViT (e.g. vit_small_patch16_224)."
+        )
+
+
+def _native_patch_grid(model: nn.Module, patch: nn.Conv2d) -> Optional[Tuple[int, int]]:
+    """The patch grid of the model's own input size (timm ``patch_embed.grid_size``, or a transformers config's
+    ``image_size`` over the patch stride); ``None`` when the model does not say."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and len(tuple(grid)) == 2:
+        return int(grid[0]), int(grid[1])
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", None)
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    sh, sw = patch.stride
+    return int(h) // sh, int(w) // sw
+
+
+def peft_base_model(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper wraps (``PeftModel.get_base_model()``; a tuner such as ``LoraModel``: its
+    ``.model``), or ``model`` itself when it is not a PEFT wrapper. LoRA layers live inside that model, so it is
+    what :func:`convert` converts and where it keeps the conversion info (``merge_and_unload()`` returns it)."""
+    if not _is_peft(model) or hasattr(model, "base_layer"):
+        return model
+    get = getattr(model, "get_base_model", None)
+    inner = get() if callable(get) else getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) and inner is not model else model
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """``model`` without its ``torch.compile`` and PEFT wrappers: the module that holds the conversion."""
+    while True:
+        inner = peft_base_model(uncompiled(model))
+        if inner is model:
+            return model
+        model = inner
 
 
 def uncompiled(model: nn.Module) -> nn.Module:
@@ -176,7 +309,8 @@ def convert(
             Ignored by ``"linear"``.
         layers: which attention layers to convert, indexed in block order: ``None`` (all), an int,
             a sequence of ints (negative allowed), a ``slice`` (``slice(6, None)`` = the paper's
-            hybrid with the first half kept softmax), or a predicate ``f(index, name, module)``.
+            hybrid with the first half kept softmax), a string in the command-line syntax (``"6:"``,
+            ``"0,1,2"``, ``"-1"``, ``"all"``), or a predicate ``f(index, name, module)``.
         broadcast: how representatives are broadcast back to tokens: ``"query"`` (softmax over the
             representatives' queries, Agent Attention; default: the best zero-shot accuracy with the prefix
             representatives, ``benchmarks/representatives.py``), ``"key"`` (over the extracted
@@ -198,7 +332,21 @@ def convert(
 
     Raises:
         ValueError / TypeError on a bad option, an already converted model, a model without
-        supported attention or without a patch embedding. The model is then left unchanged.
+        supported attention or without a patch embedding, a hybrid ViT with a CNN stem. The model is then
+        left unchanged.
+
+    Warns (:class:`RepresentativesWarning`) when the representative grid is not smaller than the patch grid
+    of the model's own input size: every patch is then its own representative, and the converted layers
+    cost more than softmax attention there.
+
+    PEFT: a ``PeftModel`` (or LoRA tuner) is converted underneath its wrapper, in the model it wraps, which
+    also keeps ``vit2cbsa_info`` -- so ``conversion_info(peft_model)`` and, after ``merge_and_unload()``,
+    ``conversion_info(merged)`` are the same info; ``inplace=False`` returns a converted copy of the wrapper.
+    Either order works: convert, then add LoRA (``modules_to_save=["mixer"]`` to train the conversion's
+    parameters too), or add LoRA, then convert: the converted layers keep the LoRA-wrapped projections, so they
+    compute with the effective (base + LoRA) weights, and ``merge_and_unload()`` merges them as before. In
+    that second order the conversion's new parameters are frozen (``requires_grad=False``) like the rest of
+    the wrapped model, since ``peft_model.save_pretrained`` would not save them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
@@ -208,6 +356,17 @@ def convert(
                             extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast,
                             inplace=inplace, verbose=verbose)
         return model if inplace else converted
+    base = peft_base_model(model)
+    if base is not model:  # a PEFT wrapper: convert the model it wraps, where merge_and_unload() finds it
+        if not inplace:
+            model = copy.deepcopy(model)
+            base = peft_base_model(model)
+        convert(base, variant, num_representatives, layers, broadcast=broadcast,
+                extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast,
+                inplace=True, verbose=verbose)
+        for p in new_parameters(base):  # frozen like the rest of the wrapped model (see above)
+            p.requires_grad_(False)
+        return model
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
     if broadcast not in BROADCASTS:
@@ -241,7 +400,9 @@ def convert(
     selected = _select(layers, [(n, m) for n, m, _ in candidates])
     if not selected:
         raise ValueError(f"layers={layers!r} selects none of the {len(candidates)} attention layers")
-    patch_name, _ = find_patch_embedding(model)
+    _check_no_cnn_stem(model)
+    patch_name, patch_conv = find_patch_embedding(model)
+    patch_grid = _native_patch_grid(model, patch_conv)
 
     if not inplace:
         model = copy.deepcopy(model)
@@ -253,8 +414,11 @@ def convert(
     replacements = []
     if variant == "linear":
         extra_representatives, prefix_broadcast = "none", "all"  # no representatives at all
-    info = ConversionInfo(variant, rep_grid, broadcast, len(candidates), patch_embedding=patch_name,
-                          extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast)
+    # named as after merge_and_unload() when LoRA wraps the patch embedding
+    info = ConversionInfo(variant, rep_grid, broadcast, len(candidates),
+                          patch_embedding=patch_name.replace(".base_layer", ""),
+                          extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast,
+                          patch_grid=patch_grid)
     for i in selected:
         name, module, adapter = candidates[i]
         spec = adapter.describe(module)
@@ -273,14 +437,28 @@ def convert(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
-    patch = model.get_submodule(patch_name)
+    patch = model.get_submodule(patch_name)  # (in the copy, when not inplace)
     handle = patch.register_forward_hook(GridRecorder(layout))
     object.__setattr__(model, _LAYOUT_ATTR, layout)
     object.__setattr__(model, _HOOK_ATTR, handle)
     object.__setattr__(model, _INFO_ATTR, info)
+    if info.saves_nothing():
+        warnings.warn(representatives_warning(info, patch_grid), RepresentativesWarning, stacklevel=2)
     if verbose:
         logger.info("%s", info)
     return model
+
+
+def representatives_warning(info: ConversionInfo, patch_grid: Tuple[int, int],
+                            input_size: Optional[Tuple[int, int]] = None) -> str:
+    """The warning for a representative grid that is not smaller than ``patch_grid`` (one line)."""
+    gh, gw = info.num_representatives
+    ph, pw = patch_grid
+    at = f" of a {input_size[0]}x{input_size[1]} input" if input_size else " of the model's own input size"
+    suggest = f"{max(1, ph // 2)}x{max(1, pw // 2)}"
+    return (f"vit2cbsa: {gh}x{gw} representatives are not fewer than the {ph}x{pw}={ph * pw} patches{at}: every "
+            f"patch is its own representative ({ph}x{pw} used), so the converted layers save nothing there and cost "
+            f"more than softmax; use fewer than {ph}x{pw}, e.g. {suggest}")
 
 
 #: options of a saved conversion that folders written before the option existed leave out: the behaviour then
@@ -295,13 +473,15 @@ def saved_options(conv: dict) -> dict:
 
 
 def conversion_info(model: nn.Module) -> Optional[ConversionInfo]:
-    """The :class:`ConversionInfo` of a converted model, or ``None``."""
-    return getattr(model, _INFO_ATTR, None)
+    """The :class:`ConversionInfo` of a converted model, or ``None``; found through ``torch.compile`` and PEFT
+    wrappers (it is kept on the model they wrap, which ``merge_and_unload()`` returns)."""
+    info = getattr(model, _INFO_ATTR, None)
+    return info if info is not None else getattr(_unwrapped(model), _INFO_ATTR, None)
 
 
 def layout_of(model: nn.Module) -> TokenLayout:
     """The shared :class:`TokenLayout` of a converted model (to set the grid by hand)."""
-    layout = getattr(model, _LAYOUT_ATTR, None)
+    layout = getattr(model, _LAYOUT_ATTR, None) or getattr(_unwrapped(model), _LAYOUT_ATTR, None)
     if layout is None:
         raise ValueError("vit2cbsa: this model was not converted with vit2cbsa.convert")
     return layout
