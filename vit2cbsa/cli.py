@@ -3,31 +3,36 @@
 ``vit2cbsa convert``  loads a pretrained ViT, converts it and saves it (see :mod:`vit2cbsa.hub`);
 ``vit2cbsa inspect``  shows which attention layers would be converted and what that changes
                       (tokens, FLOPs, parameters) at a given resolution, without any weights;
-``vit2cbsa push``     uploads a saved folder to the Hugging Face Hub with a model card.
+``vit2cbsa push``     uploads a saved folder to the Hugging Face Hub with a model card;
+``vit2cbsa explain``  saves the attention maps of one image as a PNG (:mod:`vit2cbsa.analysis.cli`).
 
-MODEL arguments are resolved in this order: a local folder (a vit2cbsa folder, a transformers
-folder with ``config.json``, or a timm checkpoint folder), a timm model name (``vit_base_patch16_224``,
-``hf-hub:timm/...``), then a Hugging Face Hub repo id. Errors are reported as one line on stderr
-with exit status 1 (``--traceback`` shows the full trace).
+MODEL arguments are resolved by :func:`vit2cbsa.loading.resolve`, the same for every command, in this
+order: ``cifar10-teacher`` (the embedded CIFAR-10 teacher), a local folder (a vit2cbsa folder, a
+transformers folder with ``config.json``, or a timm checkpoint folder), a timm model name
+(``vit_base_patch16_224``, ``hf-hub:timm/...``), then a Hugging Face Hub repo id. transformers never
+runs code from a model folder or repo (``trust_remote_code=False``). Errors are reported as one line on
+stderr with exit status 1 (``--traceback`` shows the full trace); warnings as ``vit2cbsa: warning: ...``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import sys
 import textwrap
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from . import __version__, specs
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
 from .layout import EXTRA_REPRESENTATIVES
+from .loading import TEACHER, LoadError, Source, load, resolve
 
 DESCRIPTION = """\
 Convert pretrained Vision Transformers (timm or Hugging Face transformers) from softmax
@@ -35,11 +40,13 @@ self-attention to Contract-and-Broadcast Self-Attention (CBSA) and its relatives
 what a conversion costs, and publish converted models on the Hugging Face Hub.
 
 MODEL is one of:
+  cifar10-teacher  the embedded CIFAR-10 ViT teacher (patch 4 on 32x32 images)
   a local folder   a folder written by vit2cbsa, a transformers model folder (config.json with
                    "model_type"), or a timm checkpoint folder (config.json with "architecture")
   a timm name      e.g. vit_base_patch16_224, deit_small_distilled_patch16_224.fb_in1k,
                    hf-hub:timm/vit_small_patch14_dinov2.lvd142m
   a Hub repo id    e.g. google/vit-base-patch16-224, facebook/dinov2-small, user/my-cbsa-model
+Code shipped with a model (a config.json with "auto_map") is never run: such models are refused.
 """
 
 EPILOG = """\
@@ -50,6 +57,7 @@ examples:
   vit2cbsa convert vit_base_patch16_224 --variant cbsa --representatives 64 --layers 6: --out vit-b-cbsa
   vit2cbsa convert ./my-hf-vit --variant contraction_free --out ./my-hf-vit-cbsa
   vit2cbsa push vit-b-cbsa user/vit-b-cbsa --metric top1=80.4 --dataset imagenet-1k --license apache-2.0
+  vit2cbsa explain cifar10-teacher:cbsa cat.png --layer -1 --out maps.png
 
 layers:   all (default), one index (-1), a list (0,1,2) or a slice (6: keeps layers 0-5 softmax)
 representatives: per head, a square count (64 = 8x8) or a grid HxW (4x16)
@@ -64,6 +72,14 @@ Python API: vit2cbsa.convert, vit2cbsa.save_pretrained, vit2cbsa.from_pretrained
 
 class CLIError(Exception):
     """An error reported to the user as one line."""
+
+
+def _warn(text: str) -> None:
+    """A warning, as one line on stderr."""
+    text = " ".join(str(text).split())
+    if text.startswith("vit2cbsa: "):
+        text = text[len("vit2cbsa: "):]
+    print(f"vit2cbsa: warning: {text}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- argument parsing
@@ -106,157 +122,18 @@ def parse_metric(text: str) -> Tuple[str, float]:
 
 
 # --------------------------------------------------------------------------- finding models
-
-
-@dataclass
-class Source:
-    """What MODEL names: ``kind`` is vit2cbsa, transformers, timm-dir, timm or hub-timm."""
-
-    kind: str
-    location: str
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CLIError(f"{path} cannot be read as JSON: {e}") from e
-
-
-def _folder_kind(folder: Path) -> str:
-    from .hub import CONFIG_NAME
-
-    if (folder / CONFIG_NAME).is_file():
-        return "vit2cbsa"
-    if (folder / "config.json").is_file():
-        cfg = _read_json(folder / "config.json")
-        if "model_type" in cfg:
-            return "transformers"
-        if "architecture" in cfg:
-            return "timm-dir"
-    raise CLIError(f"{folder} holds neither a vit2cbsa folder, a transformers model (config.json with "
-                   "model_type) nor a timm checkpoint (config.json with architecture)")
-
-
-def resolve_source(model: str) -> Source:
-    """Work out what MODEL is; Hub repos are classified from their config files only."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return Source(_folder_kind(path), str(path))
-    if path.exists():
-        raise CLIError(f"{model} is a file; expected a model folder, a timm model name or a Hub repo id")
-    import timm
-
-    if model.startswith(("hf-hub:", "local-dir:")) or timm.is_model(model):
-        return Source("timm", model)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        raise CLIError(f"{model} is not a local folder, a timm model name or a Hugging Face Hub repo id") from None
-    if "/" not in model:
-        raise CLIError(f"{model} is not a local folder or a timm model name (see `timm.list_models()`)")
-    try:
-        folder = Path(snapshot_download(model, allow_patterns=["config.json", "vit2cbsa_config.json"]))
-    except Exception as e:
-        raise CLIError(f"cannot reach Hub repo {model!r} ({_one_line(e)}); pass a local folder instead") from e
-    kind = _folder_kind(folder)
-    return Source("hub-timm" if kind == "timm-dir" else kind, model)
-
-
-def _hf_class(config: Any) -> type:
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-    return transformers.AutoModel
-
-
-def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as e:
-        if not pretrained:
-            raise
-        raise CLIError(f"cannot load the pretrained weights of timm model {name!r} ({_one_line(e)}); without "
-                       "network access, pass a local path instead: a timm checkpoint folder, a transformers "
-                       "model folder or a vit2cbsa folder") from e
-
-
-@dataclass
-class Loaded:
-    model: nn.Module
-    image_processor: Any = None
-    base_model: Optional[str] = None
-
-
-def load_pretrained(source: Source) -> Loaded:
-    """The model MODEL names, with its pretrained weights (what ``convert`` starts from)."""
-    from .hub import from_pretrained
-
-    if source.kind == "vit2cbsa":
-        model = from_pretrained(source.location)
-        return Loaded(model, _image_processor(source.location))  # base_model: kept from the folder
-    if source.kind in ("timm", "timm-dir", "hub-timm"):
-        name = {"timm": source.location, "timm-dir": "local-dir:" + source.location,
-                "hub-timm": "hf-hub:" + source.location}[source.kind]
-        model = _timm_create(name, pretrained=True)
-        return Loaded(model, base_model=(getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id"))
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source.location)
-        model = _hf_class(config).from_pretrained(source.location)
-    except Exception as e:
-        raise CLIError(f"cannot load transformers model {source.location!r}: {_one_line(e)}") from e
-    is_repo = not Path(source.location).expanduser().is_dir()
-    return Loaded(model, _image_processor(source.location), source.location if is_repo else None)
-
-
-def _image_processor(location: str) -> Any:
-    """The image processor saved with a transformers model or vit2cbsa folder, if there is one."""
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(location)
-    except Exception:  # no preprocessor_config.json
-        return None
+# One resolver for every command: vit2cbsa.loading (also what `vit2cbsa explain` uses).
 
 
 def build_for_inspect(source: Source, resolution: Optional[Tuple[int, int]]) -> Tuple[nn.Module, Optional[nn.Module]]:
     """A random-weight model for MODEL at ``resolution``: ``(base, converted)``; ``converted`` is
     the saved conversion for a vit2cbsa folder, else ``None``."""
-    from .convert import convert, saved_options
-    from .hub import BaseModelSpec, read_config
+    from .convert import convert
 
-    size = {"img_size": list(resolution)} if resolution else {}
-    if source.kind == "vit2cbsa":
-        folder = Path(source.location)
-        config = read_config(folder)
-        spec = BaseModelSpec.from_json(config["base"], folder)
-        if spec.library == "timm":
-            spec.model_kwargs.update(size)
-        conv = config["conversion"]
-        base = spec.build()
-        return base, convert(copy.deepcopy(base), **saved_options(conv))
-    if source.kind in ("timm", "timm-dir", "hub-timm"):
-        name = {"timm": source.location, "timm-dir": "local-dir:" + source.location,
-                "hub-timm": "hf-hub:" + source.location}[source.kind]
-        return _timm_create(name, pretrained=False, **size), None
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source.location)
-    except Exception as e:
-        raise CLIError(f"cannot read the config of {source.location!r}: {_one_line(e)}") from e
-    cls = _hf_class(config)
-    return (cls.from_config(config) if cls.__name__ == "AutoModel" else cls._from_config(config)), None
+    loaded = load(source, pretrained=False, img_size=resolution)
+    if loaded.conversion is not None:  # a vit2cbsa folder: its base architecture and the saved options
+        return loaded.model, convert(copy.deepcopy(loaded.model), **loaded.conversion)
+    return loaded.model, None
 
 
 # --------------------------------------------------------------------------- commands
@@ -265,7 +142,7 @@ def build_for_inspect(source: Source, resolution: Optional[Tuple[int, int]]) -> 
 def _one_line(e: BaseException, limit: int = 240) -> str:
     """An exception as one line; long messages from other libraries are cut at ``limit`` characters."""
     text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, CLIError) or len(text) <= limit:
+    if isinstance(e, (CLIError, LoadError)) or len(text) <= limit:
         return text
     return text[: limit - 3] + "..."
 
@@ -279,14 +156,14 @@ def _conversion_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert import conversion_info, convert
     from .hub import save_pretrained
     from .layout import as_grid
 
-    source = resolve_source(args.model)
-    loaded = load_pretrained(source)
+    source = resolve(args.model)
+    loaded = load(source, pretrained=True, warn=_warn)
     model = loaded.model
-    info = getattr(model, "vit2cbsa_info", None)
+    info = conversion_info(model)
     if info is not None:  # a vit2cbsa folder: re-save it, if the options asked for agree
         asked = {"variant": args.variant, "broadcast": args.broadcast,
                  "num_representatives": as_grid(args.representatives) if args.representatives is not None else None,
@@ -297,45 +174,60 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise CLIError(f"{args.model} is already converted; cannot change " + (", ".join(clash) or "layers")
                            + " -- convert the original model instead")
     else:
-        convert(model, **_conversion_options(args))
-    out = save_pretrained(model, args.out, image_processor=loaded.image_processor, base_model=loaded.base_model,
-                          max_shard_size=args.max_shard_size)
-    print(model.vit2cbsa_info)
+        convert(model, **_conversion_options(args))  # a RepresentativesWarning is printed by main()
+    out = save_pretrained(model, args.out, image_processor=loaded.image_processor,
+                          base_model=loaded.base_model or None, max_shard_size=args.max_shard_size)
+    print(conversion_info(model))
     print(f"saved to {out}")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert import RepresentativesWarning, conversion_info, convert, representatives_warning
+    from .layout import num_representatives_used
     from .model_card import attention_table, change, compare_costs, human, input_size_of
 
-    source = resolve_source(args.model)
-    base, converted = build_for_inspect(source, args.resolution)
-    if converted is None:
-        converted = convert(copy.deepcopy(base), **_conversion_options(args))
-    info = converted.vit2cbsa_info
+    source = resolve(args.model)
+    with warnings.catch_warnings():  # said below for the resolution inspected, not the model's own
+        warnings.simplefilter("ignore", RepresentativesWarning)
+        base, converted = build_for_inspect(source, args.resolution)
+        if converted is None:
+            converted = convert(copy.deepcopy(base), **_conversion_options(args))
+    info = conversion_info(converted)
     names = [layer.name for layer in info.converted]
     c, h, w = input_size_of(base)
     if args.resolution:
         h, w = args.resolution
-    cost = compare_costs(base, converted, (c, h, w))
+    cost = compare_costs(base, converted, (c, h, w))  # on fake tensors: seconds at any resolution
     layers = attention_table(base, converted=names)
     gh, gw = info.num_representatives
+    used = info.grid_used(cost.patch_grid)
+    notes: List[str] = []
+    if info.saves_nothing(cost.patch_grid):
+        notes.append(representatives_warning(info, cost.patch_grid, (h, w))
+                     + f" (FLOPs {change(cost.flops_before, cost.flops_after)})")
     report = {
         "model": args.model, "source": source.kind, "class": type(base).__name__,
         "conversion": {"variant": info.variant, "num_representatives": [gh, gw], "broadcast": info.broadcast,
                        "extra_representatives": info.extra_representatives,
                        "prefix_broadcast": info.prefix_broadcast, "converted_layers": info.converted_indices},
+        "representative_grid_used": None if info.variant == "linear" else list(used),
+        "representatives_per_head": None if info.variant == "linear" else num_representatives_used(
+            tuple(info.num_representatives), *cost.patch_grid, cost.num_prefix_tokens, info.extra_representatives),
+        "warnings": notes,
         "attention_layers": layers, **cost.to_dict(),
     }
+    for note in notes:
+        _warn(note)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{args.model}: {type(base).__name__} ({source.kind}), input {c}x{h}x{w}")
     print(f"tokens per image: {cost.num_tokens} = {cost.num_prefix_tokens} prefix + "
           f"{cost.patch_grid[0]}x{cost.patch_grid[1]} patches")
-    print(f"conversion: variant {info.variant!r}, {info.representatives_text(cost.num_prefix_tokens)} per head, "
-          f"broadcast {info.broadcast!r}")
+    reps = "no representatives (linear)" if info.variant == "linear" else (
+        info.representatives_text(cost.num_prefix_tokens, cost.patch_grid) + " per head")
+    print(f"conversion: variant {info.variant!r}, {reps}, broadcast {info.broadcast!r}")
     print(f"attention layers: {len(layers)} found, {len(names)} converted")
     for row in layers:
         mark = f"-> {info.variant}" if row["converted"] else "   softmax (kept)"
@@ -403,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  vit2cbsa convert vit_base_patch16_224 --out vit-b-cbsa\n"
                "  vit2cbsa convert facebook/dinov2-small --variant contraction_free --representatives 8x8 --out dinov2-s-cf\n"
                "  vit2cbsa convert ./timm-checkpoint --layers 6: --out ./hybrid")
-    p.add_argument("model", metavar="MODEL", help="local folder, timm model name or Hub repo id")
+    p.add_argument("model", metavar="MODEL", help=f"{TEACHER}, a local folder, a timm model name or a Hub repo id")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced atomically)")
     _add_conversion_options(p)
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="shard weights above this size (default: 5GB)")
@@ -412,12 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect", formatter_class=fmt, help="show what a conversion would change (no weights needed)",
         description=_para("List the attention layers of MODEL that would be converted, and the tokens, FLOPs "
-                    "(torch FlopCounterMode, one image) and parameters before and after, at a given "
-                    "resolution. Weights are not loaded: timm models are built with pretrained=False, "
-                    "transformers models from their config."),
+                    "(torch FlopCounterMode on fake tensors, one image: no arithmetic is done, so any "
+                    "resolution takes seconds) and parameters before and after, at a given resolution, and "
+                    "the representative grid actually used there. Weights are not loaded: timm models are "
+                    "built with pretrained=False, transformers models from their config."),
         epilog="examples:\n  vit2cbsa inspect vit_base_patch16_224 --resolution 384\n"
                "  vit2cbsa inspect ./vit-b-cbsa --resolution 224x320 --json")
-    p.add_argument("model", metavar="MODEL", help="local folder, timm model name or Hub repo id")
+    p.add_argument("model", metavar="MODEL", help=f"{TEACHER}, a local folder, a timm model name or a Hub repo id")
     p.add_argument("--resolution", type=parse_resolution, default=None, metavar="N|HxW",
                    help="input size, e.g. 224 or 224x320 (height x width; default: the model's own)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -443,20 +336,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", help="commit message")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.set_defaults(func=cmd_push)
+
+    # `vit2cbsa explain` has its own parser (vit2cbsa.analysis.cli); main() hands it the arguments. Listed here
+    # for `vit2cbsa --help` and the "invalid choice" message.
+    sub.add_parser("explain", add_help=False, help="save the attention maps of one image as a PNG")
     return parser
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """vit2cbsa's own warnings (:class:`vit2cbsa.convert.RepresentativesWarning`) as ``vit2cbsa: warning: ...``
+    lines on stderr, each once; other warnings as Python shows them."""
+    from .convert import RepresentativesWarning
+
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RepresentativesWarning)
+            yield
+    finally:  # outside catch_warnings: what is re-emitted here is shown, not recorded again
+        seen = set()
+        for w in caught:
+            if not issubclass(w.category, RepresentativesWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif str(w.message) not in seen:
+                seen.add(str(w.message))
+                _warn(str(w.message))
+
+
+def _explain_argv(argv: List[str]) -> Optional[List[str]]:
+    """The arguments for ``vit2cbsa explain`` when ``argv`` runs it (``--traceback`` may come first), else ``None``."""
+    lead = 0
+    while lead < len(argv) and argv[lead] == "--traceback":
+        lead += 1
+    if argv[lead:lead + 1] != ["explain"]:
+        return None
+    return argv[lead + 1:] + (["--traceback"] if lead else [])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``vit2cbsa`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["explain"]:  # attention maps: its own parser, in vit2cbsa.analysis.cli
+    explain_argv = _explain_argv(argv)
+    if explain_argv is not None:  # attention maps: its own parser, in vit2cbsa.analysis.cli
         from .analysis.cli import explain_main
 
-        return explain_main(argv[1:])
+        return explain_main(explain_argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # our own errors are the ones to read
     try:
-        return args.func(args)
+        with _one_line_warnings():
+            return args.func(args)
     except KeyboardInterrupt:
         print("vit2cbsa: interrupted", file=sys.stderr)
         return 130

@@ -182,7 +182,7 @@ def _averaging_matrix(h: int, w: int, gh: int, gw: int, like: torch.Tensor) -> t
         rows, cols = _windows(h, gh, like), _windows(w, gw, like)
         return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(gh * gw, h * w)
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _is_fake(like):  # fake tensors (FLOP counting) are never cached
         return build()
     key = (h, w, gh, gw, like.device, like.dtype)
     matrix = _MATRICES.get(key)
@@ -192,6 +192,16 @@ def _averaging_matrix(h: int, w: int, gh: int, gw: int, like: torch.Tensor) -> t
         with torch.inference_mode(False):
             matrix = _MATRICES[key] = build()
     return matrix
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """True for a ``FakeTensor`` (shapes only, e.g. :func:`vit2cbsa.measure.count_flops`): a matrix built from it
+    holds no values, so it must not be cached for real inputs of the same device and dtype."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return bool(is_fake(t)) or t.device.type == "meta"
 
 
 def _windows(size: int, out: int, like: torch.Tensor) -> torch.Tensor:

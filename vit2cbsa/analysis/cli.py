@@ -7,10 +7,11 @@ it in as the ``explain`` sub-command. MODEL is one of
 * a timm model name             e.g. ``vit_small_patch16_224``; the pretrained weights are tried first,
                                 and if they cannot be loaded (no network) the model is built with
                                 random weights (``pretrained=False``) and a warning is printed;
-* a local folder                read as ``vit2cbsa convert`` reads it (:func:`vit2cbsa.cli.resolve_source`):
-                                a transformers model folder (``config.json`` with ``model_type``), a timm
+* a local folder or Hub repo    a transformers model (``config.json`` with ``model_type``), a timm
                                 checkpoint folder, or a folder saved by :func:`vit2cbsa.hub.save_pretrained`
                                 (already converted);
+
+read by :func:`vit2cbsa.loading.load`, as every ``vit2cbsa`` command reads MODEL,
 
 optionally followed by ``:VARIANT`` (``cifar10-teacher:cbsa``, ``vit_small_patch16_224:contraction_free``)
 to convert it on the fly; the original model's class-token attention is then shown side by side.
@@ -26,9 +27,9 @@ from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
 import torch
-from torch import nn
 
-from ..cli import load_pretrained, parse_grid, parse_layers, resolve_source
+from ..cli import parse_grid, parse_layers
+from ..loading import TEACHER
 
 DESCRIPTION = """\
 Show which image patches the attention of MODEL uses for IMAGE, per layer and head, as a PNG:
@@ -37,7 +38,7 @@ the layer's token-to-token operator, the gather maps A of the representatives mo
 class token (representative <- patches), a broadcast map B (patches <- representative) and the
 assignment of every patch to the representative it receives most from.
 
-MODEL: cifar10-teacher | a timm model name | a local transformers, timm or vit2cbsa folder,
+MODEL: cifar10-teacher | a timm model name | a local transformers, timm or vit2cbsa folder | a Hub repo id,
 optionally with :VARIANT (cbsa, contraction_free, linear) to convert it on the fly and compare
 with the original side by side."""
 
@@ -50,9 +51,6 @@ examples:
 
 layers: all, one index (-1 = last, the default), a list (0,3) or a slice (6:)
 exit status: 0 on success, 1 on error (one line on stderr), 2 on a usage error."""
-
-TEACHER = "cifar10-teacher"
-
 
 class ExplainError(Exception):
     """An error reported to the user as one line."""
@@ -109,61 +107,26 @@ def _split_variant(spec: str) -> Tuple[str, Optional[str]]:
     return spec, None
 
 
-def _load_timm(name: str) -> nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(name, pretrained=True)
-    except Exception as e:  # no network, no cached weights, no weights for this tag
-        reason = " ".join(str(e).split())[:160]
-        print(f"vit2cbsa explain: warning: cannot load the pretrained weights of {name!r} ({reason}); "
-              "using RANDOM weights (pretrained=False) -- the maps show an untrained model", file=sys.stderr)
-    try:
-        return timm.create_model(name, pretrained=False)
-    except Exception as e:
-        raise ExplainError(f"cannot build timm model {name!r}: {' '.join(str(e).split())[:200]}") from e
-
-
 def load_model(spec: str, representatives: Any = 64, broadcast: str = "query") -> dict:
-    """Resolve MODEL: ``{"model", "reference" (original, or None), "config", "processor", "classes"}``."""
+    """Resolve MODEL with :func:`vit2cbsa.loading.load` (the resolver of every command; pretrained weights, or
+    random ones with a warning when a timm name's or Hub repo's weights cannot be had):
+    ``{"model", "reference" (original, or None), "config", "processor", "classes"}``."""
     from ..convert import convert, is_converted
+    from ..loading import LoadError, load
 
     name, variant = _split_variant(spec)
-    config = processor = None
-    classes: Optional[List[str]] = None
-    path = Path(name).expanduser()
-    if name == TEACHER:
-        from ..zoo import load_cifar10_teacher
+    if Path(name).expanduser().is_file():
+        raise ExplainError(f"{name} is a file; MODEL must be {TEACHER}, a timm model name, a Hub repo id or a "
+                           "model folder")
 
-        try:
-            model, config = load_cifar10_teacher()
-        except FileNotFoundError as e:
-            raise ExplainError(str(e)) from e
-        classes = config.get("class_names")
-    elif path.is_dir():  # a vit2cbsa, transformers or timm checkpoint folder, as `vit2cbsa convert` reads it
-        loaded = load_pretrained(resolve_source(str(path)))
-        model, processor = loaded.model, loaded.image_processor
-        id2label = getattr(getattr(model, "config", None), "id2label", None)
-        if id2label and not all(str(v).startswith("LABEL_") for v in id2label.values()):
-            classes = [id2label[i] for i in sorted(id2label)]
-    elif path.exists():
-        raise ExplainError(f"{name} is a file; MODEL must be cifar10-teacher, a timm model name or a model folder")
-    else:
-        import timm
+    def warn(text: str) -> None:
+        print(f"vit2cbsa explain: warning: {text}", file=sys.stderr)
 
-        if not (timm.is_model(name) or name.startswith("hf-hub:")):
-            raise ExplainError(f"unknown model {name!r}: not {TEACHER}, a timm model name (see timm.list_models()) "
-                               "or an existing folder")
-        model = _load_timm(name)
-        if getattr(model, "num_classes", None) == 1000:
-            try:
-                from timm.data import ImageNetInfo
-
-                info = ImageNetInfo()
-                classes = [info.index_to_description(i).split(",")[0] for i in range(1000)]
-            except Exception:  # older timm: no label names
-                classes = None
-    model.eval()
+    try:
+        loaded = load(name, pretrained=True, fallback_to_random=True, warn=warn)
+    except LoadError as e:
+        raise ExplainError(str(e)) from e
+    model = loaded.model.eval()
     reference = None
     if variant is not None:
         if is_converted(model):
@@ -174,7 +137,8 @@ def load_model(spec: str, representatives: Any = 64, broadcast: str = "query") -
         except (ValueError, TypeError) as e:
             raise ExplainError(str(e)) from e
         model.eval()
-    return {"model": model, "reference": reference, "config": config, "processor": processor, "classes": classes}
+    return {"model": model, "reference": reference, "config": loaded.data_config,
+            "processor": loaded.image_processor, "classes": loaded.class_names}
 
 
 def _resolve_layers(spec: Any, num_layers: int) -> Any:
