@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -141,6 +142,7 @@ def test_two_process_launch_runs_both_stages(assets, tmp_path):
     assert [r["stage"] for r in metrics if "eval_accuracy" in r] == ["start", "align", "finetune"]
     final = json.loads((out / "final.json").read_text())
     assert final["num_processes"] == 2 and final["eval_images"] == 16
+    assert not (out / "run.lock").exists()  # the main process took the lock and released it
     assert 0 <= final["original_accuracy"] <= 1 and 0 <= final["converted_accuracy"] <= 1
     # the merged LoRA weights load into a freshly converted model under the plain names
     student = vit2cbsa.convert(_tiny_timm(), "cbsa", 4)
@@ -199,7 +201,7 @@ def test_stop_after_checkpoint_then_resume_gives_identical_weights(assets, refer
     assert _run(_argv(assets, out, *RESUME)) == json.loads((out / "final.json").read_text())
 
 
-def test_sigkill_mid_run_then_resume_gives_identical_weights(assets, reference, tmp_path):
+def test_sigkill_mid_run_then_resume_gives_identical_weights(assets, reference, tmp_path, capsys):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *_argv(assets, out, *RESUME)], env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -213,8 +215,58 @@ def test_sigkill_mid_run_then_resume_gives_identical_weights(assets, reference, 
         proc.wait(30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
     assert not (out / "final.json").exists()
+    assert json.loads((out / "run.lock").read_text())["pid"] == proc.pid  # left behind by the kill
+    capsys.readouterr()
     _run(_argv(assets, out, *RESUME))
+    assert f"taking over the stale lock {out / 'run.lock'} (host {socket.gethostname()}, pid {proc.pid}" in \
+        capsys.readouterr().out
+    assert not (out / "run.lock").exists()
     _assert_same_weights(reference[2], load_file(str(out / "final" / "model.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def killed(assets, tmp_path_factory):
+    """A RESUME run stopped after global step 8: its checkpoints are step_5 and step_7."""
+    out = tmp_path_factory.mktemp("killed") / "out"
+
+    def hard_exit(code):
+        raise _Killed(code)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(finetune, "_hard_exit", hard_exit)
+        with pytest.raises(_Killed):
+            _run(_argv(assets, out, *RESUME, "--stop-after-step", "8"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_5", "step_7"]
+    return out
+
+
+@pytest.mark.parametrize("damaged,why", [
+    ("optimizer.bin", "optimizer.bin is truncated or corrupt"),
+    ("progress.json", "progress.json is unreadable"),
+    ("model.safetensors", "model.safetensors is truncated"),
+    ("random_states_0.pkl", "random_states_0.pkl is truncated or corrupt"),
+])
+def test_resume_skips_a_truncated_newest_checkpoint(assets, reference, killed, tmp_path, capsys, damaged, why):
+    """The newest checkpoint cut short (a kill or a full disk while saving): resume from the one before,
+    saying so, and still end with the uninterrupted run's weights and metrics."""
+    out = tmp_path / "out"
+    shutil.copytree(killed, out)
+    path = out / "checkpoints" / "step_7" / damaged
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    _run(_argv(assets, out, *RESUME))
+    printed = capsys.readouterr().out
+    assert f"skipping checkpoint step_7: {why}" in printed, printed
+    assert f"(moved to {out / 'checkpoints' / 'invalid_step_7'})" in printed
+    assert "resuming from the newest valid checkpoint, step_5" in printed
+    assert "resumed finetune at step 2/12" in printed
+    assert (out / "checkpoints" / "invalid_step_7" / damaged).stat().st_size == len(data) // 2
+    _assert_same_weights(reference[2], load_file(str(out / "final" / "model.safetensors")))
+    ref_metrics = _lines(reference[0] / "metrics.jsonl")
+    got = _lines(out / "metrics.jsonl")
+    assert [(r["stage"], r["step"], r.get("loss")) for r in got] == \
+        [(r["stage"], r["step"], r.get("loss")) for r in ref_metrics]
 
 
 def test_lora_leaves_frozen_weights_unchanged(assets, tmp_path):
