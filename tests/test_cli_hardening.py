@@ -187,6 +187,21 @@ def test_load_timm_checkpoint_path_and_transformers_task(hf_dir, tmp_path):
     assert relabelled.model.classifier.out_features == 7
 
 
+def test_load_as_a_classifier_of_n_classes(hf_dir, timm_dir):
+    """What examples/finetune.py needs: a head for the dataset's classes, and which modules are the head."""
+    names = [f"c{i}" for i in range(7)]
+    hf = load(str(hf_dir), num_classes=7, class_names=names)
+    assert hf.head_reset and hf.model.classifier.out_features == 7 and hf.class_names == names
+    assert hf.head_names == ["classifier"] and hf.model.config.id2label[6] == "c6"
+    same = load(str(hf_dir), num_classes=3)
+    assert not same.head_reset and same.class_names == ["cat", "dog", "fox"]
+    tm = load(str(timm_dir), num_classes=7)
+    assert tm.head_reset and tm.model.head.out_features == 7 and tm.class_names is None and tm.head_names == ["head"]
+    assert not load(str(timm_dir), num_classes=5).head_reset
+    with pytest.raises(LoadError, match="2 class names for 7 classes"):
+        load(str(timm_dir), num_classes=7, class_names=["a", "b"])
+
+
 def test_timm_name_offline(capsys):
     with pytest.raises(LoadError, match=r"^cannot load the pretrained weights of timm model 'vit_tiny_patch16_224' "
                                         r".*pass a local path instead"):
@@ -206,6 +221,10 @@ def test_teacher_loads_everywhere(capsys, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(teacher.model(x), model(x))
+    three = load("cifar10-teacher", num_classes=3)
+    assert three.head_reset and three.model.head.out_features == 3 and three.class_names is None
+    with pytest.raises(LoadError, match="the embedded teacher loads as trained"):
+        load("cifar10-teacher", img_size=64)
 
     # inspect: the teacher's architecture (no weights needed), at its own resolution and another one
     code, out, err = run(capsys, "inspect", "cifar10-teacher", "--representatives", "4x4", "--json")

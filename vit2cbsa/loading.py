@@ -98,13 +98,15 @@ def _read_json(path: Path) -> Any:
         raise LoadError(f"{path} cannot be read as JSON: {_one_line(e)}") from e
 
 
-def check_no_remote_code(folder: Union[str, Path], what: Optional[str] = None) -> None:
+def check_no_remote_code(folder: Union[str, Path], what: Optional[str] = None,
+                         files: Sequence[str] = ("config.json", "preprocessor_config.json")) -> None:
     """Refuse (:class:`LoadError`) a model folder whose configs ask transformers to run code from the folder or
     repo: an ``auto_map`` in ``config.json`` / ``preprocessor_config.json``, or a ``model_type`` that is not
-    built into the installed transformers. vit2cbsa never runs such code (``trust_remote_code=False``)."""
+    built into the installed transformers. vit2cbsa never runs such code (``trust_remote_code=False``).
+    ``files``: the config files to check (those present)."""
     folder = Path(folder)
     what = what or str(folder)
-    for name in ("config.json", "preprocessor_config.json"):
+    for name in files:
         path = folder / name
         if not path.is_file():
             continue
@@ -114,7 +116,7 @@ def check_no_remote_code(folder: Union[str, Path], what: Optional[str] = None) -
             raise LoadError(f"{what} asks to run its own code ({name} has an auto_map: {classes}), which vit2cbsa "
                             "never does (trust_remote_code=False); use a model whose architecture is built into "
                             "transformers, such as ViT, DeiT, DINOv2, CLIP or SigLIP")
-    cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    cfg = _read_json(folder / "config.json") if "config.json" in files and (folder / "config.json").is_file() else {}
     model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
     if model_type is not None:
         import transformers
@@ -131,8 +133,7 @@ def _folder_kind(folder: Path, what: Optional[str] = None) -> str:
     from .hub import CONFIG_NAME
 
     what = what or str(folder)
-    if (folder / CONFIG_NAME).is_file():
-        check_no_remote_code(folder, what)
+    if (folder / CONFIG_NAME).is_file():  # vit2cbsa.hub checks its own folders (it never runs their code either)
         return "vit2cbsa"
     if (folder / "config.json").is_file():
         cfg = _read_json(folder / "config.json")
@@ -215,7 +216,8 @@ class LoadedModel:
     teacher). ``class_names``: index -> name where known. ``base_model``: the Hub id of the original weights,
     for a model card. ``pretrained``: False when the weights are random. ``conversion``: for a vit2cbsa folder,
     the saved :func:`vit2cbsa.convert` options (with ``pretrained=False`` the model is then the unconverted
-    base architecture, to convert with them). ``config``: the teacher's ``config.json``.
+    base architecture, to convert with them). ``config``: the teacher's ``config.json``. ``head_reset``: the
+    classifier was replaced (``num_classes``); ``head_names``: the classifier modules.
     """
 
     model: nn.Module
@@ -228,10 +230,19 @@ class LoadedModel:
     pretrained: bool = True
     conversion: Optional[Dict[str, Any]] = None
     config: Optional[Dict[str, Any]] = None
+    head_reset: bool = False
 
     @property
     def converted(self) -> bool:
         return self.source.kind == "vit2cbsa"
+
+    @property
+    def head_names(self) -> List[str]:
+        """The classifier modules (timm ``pretrained_cfg["classifier"]``, transformers ``*classifier*`` children)."""
+        if self.library == "transformers":
+            return [n for n, _ in self.model.named_children() if "classifier" in n]
+        heads = (getattr(self.model, "pretrained_cfg", None) or {}).get("classifier", "head")
+        return [heads] if isinstance(heads, str) else list(heads)
 
 
 def _size(img_size: Optional[Size]) -> Optional[Tuple[int, int]]:
@@ -246,6 +257,7 @@ def _size(img_size: Optional[Size]) -> Optional[Tuple[int, int]]:
 def load(model: Union[str, Path, Source], *, pretrained: bool = True, fallback_to_random: bool = False,
          img_size: Optional[Size] = None, model_kwargs: Optional[Dict[str, Any]] = None,
          checkpoint_path: Optional[str] = None, task: Optional[str] = None,
+         num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None,
          warn: Optional[Callable[[str], None]] = None) -> LoadedModel:
     """Resolve and load MODEL (module docstring).
 
@@ -263,6 +275,10 @@ def load(model: Union[str, Path, Source], *, pretrained: bool = True, fallback_t
         checkpoint_path: timm only: weights from this local file (``pretrained=False, checkpoint_path=...``).
         task: ``"image-classification"`` loads transformers models with ``AutoModelForImageClassification``
             (a classifier head, new if the checkpoint has none); default: the class in ``config.architectures``.
+        num_classes: a classifier with this many classes: a head with another count is replaced by a new one
+            (timm ``reset_classifier``; transformers ``num_labels=..., ignore_mismatched_sizes=True`` and
+            ``task="image-classification"``), and ``head_reset`` says so. Not for vit2cbsa folders.
+        class_names: the names of the new head's classes (transformers ``id2label``; ``class_names``).
         warn: called with one-line warnings (default: printed to stderr).
 
     Raises:
@@ -275,13 +291,27 @@ def load(model: Union[str, Path, Source], *, pretrained: bool = True, fallback_t
     if checkpoint_path is not None and source.library != "timm":
         raise LoadError(f"checkpoint_path is for timm models; {source.location} is a {source.library} model "
                         "that loads from its folder")
+    if class_names is not None and num_classes is not None and len(class_names) != num_classes:
+        raise LoadError(f"{len(class_names)} class names for {num_classes} classes")
     if source.kind == "teacher":
-        return _load_teacher(source, pretrained, size, kwargs)
-    if source.kind == "vit2cbsa":
-        return _load_vit2cbsa(source, pretrained, size)
-    if source.library == "timm":
-        return _load_timm(source, pretrained, fallback_to_random, size, kwargs, checkpoint_path, warn)
-    return _load_transformers(source, pretrained, fallback_to_random, kwargs, task, warn)
+        loaded = _load_teacher(source, pretrained, size, kwargs)
+    elif source.kind == "vit2cbsa":
+        loaded = _load_vit2cbsa(source, pretrained, size)
+    elif source.library == "timm":
+        loaded = _load_timm(source, pretrained, fallback_to_random, size, kwargs, checkpoint_path, warn)
+    else:
+        if num_classes is not None:
+            task = task or "image-classification"
+        loaded = _load_transformers(source, pretrained, fallback_to_random, kwargs, task, warn, num_classes,
+                                    class_names)
+    if num_classes is not None and loaded.library == "timm" and getattr(loaded.model, "num_classes", None) != num_classes:
+        if loaded.converted:
+            raise LoadError(f"{source.location} is a converted folder with {loaded.model.num_classes} classes; "
+                            f"its head cannot be replaced here -- start from the original model for {num_classes}")
+        loaded.model.reset_classifier(num_classes)
+        loaded.head_reset = True
+        loaded.class_names = list(class_names) if class_names is not None else None
+    return loaded
 
 
 # ---- the teacher
@@ -410,7 +440,8 @@ def _hf_class(config: Any, task: Optional[str]) -> type:
 
 
 def _load_transformers(source: Source, pretrained: bool, fallback: bool, kwargs: dict, task: Optional[str],
-                       warn: Callable[[str], None]) -> LoadedModel:
+                       warn: Callable[[str], None], num_classes: Optional[int] = None,
+                       class_names: Optional[Sequence[str]] = None) -> LoadedModel:
     from transformers import AutoConfig
 
     location = source.location
@@ -421,6 +452,12 @@ def _load_transformers(source: Source, pretrained: bool, fallback: bool, kwargs:
     except Exception as e:
         raise LoadError(f"cannot read the config of transformers model {location!r}: {_one_line(e)}") from e
     cls = _hf_class(config, task)
+    reset = num_classes is not None and config.num_labels != num_classes
+    if reset:
+        kwargs = {**kwargs, "num_labels": num_classes, "ignore_mismatched_sizes": True}
+        if class_names is not None:
+            kwargs.update(id2label=dict(enumerate(map(str, class_names))),
+                          label2id={str(c): i for i, c in enumerate(class_names)})
     model = None
     if pretrained:
         try:
@@ -445,15 +482,18 @@ def _load_transformers(source: Source, pretrained: bool, fallback: bool, kwargs:
     model.eval()
     processor = _image_processor(source.folder) if source.folder is not None else None
     base_model = location if source.is_hub and pretrained else None
+    names = _class_names(model)
+    if reset and class_names is None:
+        names = None
     return LoadedModel(model, "transformers", source, _data_config(model, processor), processor,
-                       _class_names(model), base_model, pretrained)
+                       names, base_model, pretrained, head_reset=reset)
 
 
 def _image_processor(folder: Optional[Path]) -> Any:
     """The image processor saved in ``folder`` (``preprocessor_config.json``), or ``None`` when there is none."""
     if folder is None or not (Path(folder) / "preprocessor_config.json").is_file():
         return None
-    check_no_remote_code(folder)
+    check_no_remote_code(folder, files=("preprocessor_config.json",))
     from transformers import AutoImageProcessor
 
     try:
