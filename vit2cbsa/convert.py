@@ -129,6 +129,16 @@ class ConversionInfo:
         return "\n".join(rows)
 
 
+def _layers_text(layers: LayerSelector) -> str:
+    """``layers`` as the user would write it: ``slice(6, None)`` -> ``'6:'``."""
+    if isinstance(layers, slice):
+        text = f"{'' if layers.start is None else layers.start}:{'' if layers.stop is None else layers.stop}"
+        return repr(text + (f":{layers.step}" if layers.step is not None else ""))
+    if callable(layers) and not isinstance(layers, str):
+        return "<predicate>"
+    return repr(layers)
+
+
 def _as_index(value: object) -> Optional[int]:
     """``value`` as a Python int if it is an integer (also numpy / 0-d torch integers), else ``None``."""
     if isinstance(value, bool):
@@ -399,7 +409,8 @@ def convert(
         )
     selected = _select(layers, [(n, m) for n, m, _ in candidates])
     if not selected:
-        raise ValueError(f"layers={layers!r} selects none of the {len(candidates)} attention layers")
+        raise ValueError(f"layers={_layers_text(layers)} selects none of the {len(candidates)} attention layers "
+                         f"(indices 0..{len(candidates) - 1})")
     _check_no_cnn_stem(model)
     patch_name, patch_conv = find_patch_embedding(model)
     patch_grid = _native_patch_grid(model, patch_conv)
