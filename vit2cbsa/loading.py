@@ -267,9 +267,10 @@ def load(model: Union[str, Path, Source], *, pretrained: bool = True, fallback_t
             weights and downloads no weights (a Hub repo's config files only).
         fallback_to_random: when the pretrained weights of a timm name or transformers repo cannot be loaded
             (offline, not cached), build it with random weights instead and call ``warn`` with why.
-        img_size: timm models and the teacher: build for this input size (timm resamples the pretrained
-            position embedding); a vit2cbsa folder of a timm model with ``pretrained=False`` too.
-            transformers models keep their configured size (they interpolate at run time).
+        img_size: timm models: build for this input size (timm resamples the pretrained position embedding);
+            the teacher and a vit2cbsa folder of a timm model with ``pretrained=False`` only (the trained teacher
+            runs at any size as it is). transformers models keep their configured size (they interpolate at
+            run time).
         model_kwargs: extra arguments of ``timm.create_model`` (timm), of ``from_pretrained`` (transformers, e.g.
             ``num_labels=10, ignore_mismatched_sizes=True``) or of the teacher's ``VisionTransformer``.
         checkpoint_path: timm only: weights from this local file (``pretrained=False, checkpoint_path=...``).
