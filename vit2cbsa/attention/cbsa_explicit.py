@@ -7,7 +7,8 @@ Forward, per head (``t0 = s e^a``, ``t1 = s e^b``: scale times temperatures; ``q
     G  = softmax(Pe Kr^T)       Cc = Vr + gamma G Vr    (Cc = Vr without contraction)
     C  = kappa Cc               Kb = Kr (broadcast="key") or P ("query"),   Ks = t1 Kb
     Bm = softmax(q Ks^T)        out = Bm C                                  N x m,  N x d
-                                out = (A^T C) / (A^T 1)  for broadcast="transpose" (no Ks, Bm)
+                                out = (A^T C) / (A^T 1)  for broadcast="transpose" (no Ks, Bm;
+                                A^T / (A^T 1) computed as softmax over representatives of log A)
 
 Backward, for the upstream gradient ``dO`` (``softmax'(S, dS) = S * (dS - rowsum(dS * S))``)::
 
@@ -107,7 +108,8 @@ def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Ge
     T0, T1, KAP = _per_head(t0), _per_head(t1), _per_head(kappa)
     p = representatives(q, geo.prefix, geo.h, geo.w, geo.rep_grid, geo.extra)
     pe = p * T0
-    a = torch.softmax(pe @ k.transpose(-2, -1), dim=-1)
+    logits = pe @ k.transpose(-2, -1)
+    a = torch.softmax(logits, dim=-1)
     vr = a @ v
     kr = a @ k if geo.broadcast == "key" or gamma is not None else None
     g, cc = None, vr
@@ -118,8 +120,9 @@ def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Ge
     own = geo.own_rows  # the first `own` rows of B are one-hot: not computed
     ks = None
     if geo.broadcast == "transpose":
-        at = a[:, :, :, own:].transpose(-2, -1)  # B H (N - own) m
-        bm = at / at.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(at.dtype).tiny)
+        # A^T / (A^T 1) as a softmax over representatives of log A: the same numbers, but a token that every
+        # representative's softmax rounds to 0 (a logit gap above ~88 in float32) keeps finite values and gradients
+        bm = torch.softmax(torch.log_softmax(logits, dim=-1)[:, :, :, own:].transpose(-2, -1), dim=-1)
     else:
         ks = (kr if geo.broadcast == "key" else p) * T1
         bm = torch.softmax(q[:, :, own:] @ ks.transpose(-2, -1), dim=-1)
