@@ -167,3 +167,25 @@ def test_saving_a_peft_wrapper_says_how(tmp_path):
     with pytest.raises(TypeError, match=r"PEFT PeftModel .*save_pretrained\(model\.merge_and_unload\(\), \.\.\.\)"):
         save_pretrained(wrapped, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_class_names_are_kept_through_save_and_load(tmp_path, library):
+    names = ["airplane", "automobile", "bird"]
+    if library == "timm":
+        torch.manual_seed(0)
+        model = vit2cbsa.convert(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                                   embed_dim=32, depth=1, num_heads=2, num_classes=3), "cbsa", 4)
+    else:
+        model = _classifier()
+    with pytest.raises(ValueError, match="2 class_names for a model with 3 classes"):
+        save_pretrained(model, tmp_path / "bad", class_names=names[:2])
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "out", class_names=names))
+    if library == "timm":
+        assert list(loaded.pretrained_cfg["label_names"]) == names
+        # ... and a model that carries its names keeps them without being told again
+        again = from_pretrained(save_pretrained(loaded, tmp_path / "again"))
+        assert list(again.pretrained_cfg["label_names"]) == names
+    else:
+        assert [loaded.config.id2label[i] for i in range(3)] == names
+        assert model.config.id2label[0] == "cat"  # the saved model itself is not changed

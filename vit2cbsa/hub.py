@@ -163,11 +163,30 @@ def read_hf_config(folder: Path) -> Any:
         raise CheckpointError(f"{path} is not a valid {model_type} config: {_one_line(e)}") from e
 
 
-def _hf_config_json(model: nn.Module, task: str) -> Dict[str, Any]:
+def _set_class_names(spec: BaseModelSpec, names: Sequence[str]) -> None:
+    """Record ``names`` as the class names of the model ``spec`` describes (validated against its head)."""
+    names = list(names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError("vit2cbsa: class_names must be strings")
+    if spec.library == "timm":
+        expected = spec.model_kwargs.get("num_classes", (spec.pretrained_cfg or {}).get("num_classes"))
+    else:
+        expected = spec.hf_config.num_labels if spec.task == "image-classification" else None
+    if expected is not None and len(names) != expected:
+        raise ValueError(f"vit2cbsa: {len(names)} class_names for a model with {expected} classes")
+    if spec.library == "timm":
+        spec.pretrained_cfg = {**(spec.pretrained_cfg or {}), "label_names": names}
+    else:
+        spec.hf_config.id2label = dict(enumerate(names))
+        spec.hf_config.label2id = {n: i for i, n in enumerate(names)}
+
+
+def _hf_config_json(spec: BaseModelSpec, model: nn.Module) -> Dict[str, Any]:
     """The ``config.json`` of a converted transformers model: the base config wrapped in model_type "vit2cbsa"."""
     import transformers
 
-    base = json.loads(model.config.to_json_string(use_diff=False))
+    task = spec.task
+    base = json.loads(spec.hf_config.to_json_string(use_diff=False))
     base["architectures"] = [type(model).__name__]
     wrapper = "Vit2CBSAForImageClassification" if task == "image-classification" else "Vit2CBSAModel"
     return {"model_type": HF_MODEL_TYPE, "architectures": [wrapper], "base_config": base,
@@ -396,6 +415,7 @@ def save_pretrained(
     base_model: Optional[str] = None,
     image_processor: Any = None,
     max_shard_size: Union[int, str] = "5GB",
+    class_names: Optional[Sequence[str]] = None,
 ) -> Path:
     """Save a converted model as safetensors plus ``vit2cbsa_config.json``, atomically.
 
@@ -412,6 +432,9 @@ def save_pretrained(
             (default: timm's ``pretrained_cfg["hf_hub_id"]`` or the transformers name, if any).
         image_processor: optional (transformers) image processor saved next to the model.
         max_shard_size: weights above this size are split into shards plus an index file.
+        class_names: the name of each output class, kept through loading (timm:
+            ``pretrained_cfg["label_names"]``, transformers: ``config.id2label``). Default: the
+            model's own (``pretrained_cfg["label_names"]`` or ``id2label``).
 
     Returns:
         The path of the saved folder.
@@ -429,6 +452,8 @@ def save_pretrained(
     if info is None:
         raise ValueError("vit2cbsa: this model is not converted; call vit2cbsa.convert(model, ...) first")
     spec = base_spec(model, model_kwargs)
+    if class_names is not None:
+        _set_class_names(spec, class_names)
     _verify_rebuild(spec, model, info)
     base_model = base_model or getattr(model, _BASE_MODEL_ATTR, None)
     if base_model is None:
@@ -449,7 +474,7 @@ def save_pretrained(
         from safetensors.torch import save_file
 
         if spec.library == "transformers":
-            (tmp / "config.json").write_text(json.dumps(_hf_config_json(model, spec.task), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(_hf_config_json(spec, model), indent=2) + "\n")
         if image_processor is not None:
             image_processor.save_pretrained(str(tmp))
         conversion = _conversion_json(info)
@@ -684,6 +709,7 @@ def push_to_hub(
     model_kwargs: Optional[Mapping[str, Any]] = None,
     image_processor: Any = None,
     max_shard_size: Union[int, str] = "5GB",
+    class_names: Optional[Sequence[str]] = None,
 ) -> Any:
     """Upload a converted model (or a folder saved by :func:`save_pretrained`) with a model card.
 
@@ -700,7 +726,7 @@ def push_to_hub(
         dataset: the dataset ``metrics`` were measured on (also puts them in ``model-index``).
         license: license identifier for the card metadata.
         private, token, revision, commit_message, create_pr: passed to ``huggingface_hub``.
-        base_model, model_kwargs, image_processor, max_shard_size: as in :func:`save_pretrained`.
+        base_model, model_kwargs, image_processor, max_shard_size, class_names: as in :func:`save_pretrained`.
 
     Returns:
         The ``huggingface_hub.CommitInfo`` of the upload.
@@ -713,7 +739,7 @@ def push_to_hub(
         stage = Path(tmp) / "repo"
         if isinstance(model, nn.Module):
             model = uncompiled(model)
-            save_pretrained(model, stage, model_kwargs=model_kwargs, base_model=base_model,
+            save_pretrained(model, stage, model_kwargs=model_kwargs, base_model=base_model, class_names=class_names,
                             image_processor=image_processor, max_shard_size=max_shard_size)
         else:
             folder = Path(model)
