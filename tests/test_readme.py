@@ -118,6 +118,16 @@ def offline(monkeypatch, tmp_path):
         return real_auto_from_pretrained(name, *args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoModelForImageClassification, "from_pretrained", auto_from_pretrained)
+    real_processor_from_pretrained = transformers.AutoImageProcessor.from_pretrained
+
+    def processor_from_pretrained(name, *args, **kwargs):
+        if name in HF_STAND_INS:  # the stand-in model's processor: its image size, default normalisation
+            record["hf"].append(name)
+            size = HF_STAND_INS[name]["image_size"]
+            return transformers.ViTImageProcessor(size={"height": size, "width": size})
+        return real_processor_from_pretrained(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", processor_from_pretrained)
 
     def create_repo(self, repo_id, **kwargs):
         record["create_repo"].append(repo_id)
@@ -177,6 +187,9 @@ def test_readme_block_runs(block, offline):
         assert offline["create_repo"] and offline["upload_folder"], "push_to_hub uploaded nothing"
         files = offline["upload_folder"][-1]["files"]
         assert {"README.md", "model.safetensors", "vit2cbsa_config.json"} <= set(files)
+    if "pipeline(" in block.code and "preds" in ns:
+        assert len(ns["preds"]) == 3 and all(0 <= p["score"] <= 1 for p in ns["preds"])
+        assert vit2cbsa.is_converted(ns["classify"].model), "the pipeline runs the original softmax model"
     if "vit2cbsa.save_pretrained(model, " in block.code:
         folder = re.search(r'save_pretrained\(model, "([^"]+)"', block.code).group(1)
         assert (Path(folder) / "vit2cbsa_config.json").is_file()
