@@ -328,7 +328,7 @@ def make_config(args, spec: dict, out_dir: Path, data_dir: Path, **overrides) ->
     kw = dict(
         model="cifar10-teacher", dataset=str(data_dir), output_dir=str(out_dir),
         variant=spec["variant"], representatives=parse_representatives(args.representatives), layers=spec["layers"],
-        max_eval_samples=args.eval_subset, num_workers=args.num_workers,
+        max_eval_samples=args.eval_subset, eval_subset=0, num_workers=args.num_workers,  # all of max_eval_samples
         align_steps=spec["align_steps"], align_lr=args.align_lr,
         finetune_steps=spec["finetune_steps"], lr=args.lora_lr if spec["lora_rank"] else args.lr,
         lora_rank=spec["lora_rank"], eval_batch_size=128,
