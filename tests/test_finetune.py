@@ -381,6 +381,8 @@ def test_final_folder_loads_with_from_pretrained(assets, tmp_path):
         torch.testing.assert_close(tensor, weights[name])
     assert vit2cbsa.conversion_info(loaded).variant == "cbsa"
     assert vit2cbsa.conversion_info(loaded).num_representatives == (2, 2)
+    # the dataset's class names travel with the weights
+    assert list(loaded.pretrained_cfg["label_names"]) == ["class0", "class1", "class2", "class3"]
     x = torch.randn(2, 3, 32, 32)
     reference = _tiny_timm(drop_path_rate=0.1)
     vit2cbsa.convert(reference, "cbsa", 4)

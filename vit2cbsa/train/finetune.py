@@ -981,7 +981,7 @@ class _Run:
             if final.exists():  # left by a launch killed while saving: ours to replace
                 shutil.rmtree(final)
             try:
-                save_pretrained(self.unwrap(model), final)
+                save_pretrained(self.unwrap(model), final, class_names=list(self.data.classes))  # kept through loading
             except ValueError as e:
                 acc.print(f"warning: out/final holds the weights only ({_one_line(e)})")
                 fmt = "safetensors"
