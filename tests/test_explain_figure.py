@@ -227,9 +227,6 @@ def test_plot_explanation_saves_the_figure(maps, tmp_path):
         assert abs(im.size[0] - width) <= 1 and abs(im.size[1] - height) <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="needs the one-line change in vit2cbsa/analysis/cli.py load_model: "
-                                       "model = mark_random_weights(loaded.model.eval(), not loaded.pretrained); "
-                                       "remove this marker then")
 def test_cli_random_weight_fallback_is_written_on_the_figure(tmp_path, monkeypatch):
     import huggingface_hub.constants
     from PIL import Image

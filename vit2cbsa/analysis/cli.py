@@ -30,6 +30,7 @@ import torch
 
 from ..cli import parse_grid, parse_layers
 from ..loading import TEACHER
+from .maps import mark_random_weights
 
 DESCRIPTION = """\
 Show which image patches the attention of MODEL uses for IMAGE, per layer and head, as a PNG:
@@ -126,7 +127,7 @@ def load_model(spec: str, representatives: Any = 64, broadcast: str = "query") -
         loaded = load(name, pretrained=True, fallback_to_random=True, warn=warn)
     except LoadError as e:
         raise ExplainError(str(e)) from e
-    model = loaded.model.eval()
+    model = mark_random_weights(loaded.model.eval(), not loaded.pretrained)  # written on the figure
     reference = None
     if variant is not None:
         if is_converted(model):
