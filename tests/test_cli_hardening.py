@@ -25,6 +25,7 @@ from vit2cbsa.loading import LoadError, load, resolve
 from vit2cbsa.measure import count_flops
 from vit2cbsa.model_card import forward_pixels
 from vit2cbsa.zoo import TEACHER_DIR, load_cifar10_teacher
+from test_cli import run, tiny_timm  # noqa: E402  (shared helpers: the command in-process, a tiny timm ViT)
 
 HAS_TEACHER = (TEACHER_DIR / "model.safetensors").is_file()
 needs_teacher = pytest.mark.skipif(not HAS_TEACHER, reason="the embedded CIFAR-10 teacher is not trained yet")
@@ -55,19 +56,6 @@ def no_stdin(monkeypatch):
     monkeypatch.setattr("builtins.input", lambda *a: (_ for _ in ()).throw(AssertionError("input() was called")))
 
 
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def tiny_timm(**kw):
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                             depth=2, num_heads=2, num_classes=5, **kw).eval()
 
 
 @pytest.fixture(scope="module")
