@@ -322,8 +322,8 @@ def test_hf_model_and_dataset(assets, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("extra,message", [
     (("--dataset", "/nonexistent/images"), "dataset path '/nonexistent/images' does not exist"),
-    (("--model", "timm:no_such_model_x"), "cannot load timm model 'no_such_model_x'"),
-    (("--model", "hf:/nonexistent/model"), "cannot load transformers model"),
+    (("--model", "timm:no_such_model_x"), "'no_such_model_x' is not a timm model name"),
+    (("--model", "hf:/nonexistent/model"), "/nonexistent/model is not a local folder, a timm model name or a Hugging Face Hub repo id"),
     (("--batch-size", "6", "--grad-accum", "4"), "--batch-size 6 does not divide into 1 process(es) x 4"),
     (("--lora-rank", "2", "--lora-targets", "qkv,nope"), "LoRA target 'nope' matches no Linear/Conv layer"),
 ])

@@ -491,6 +491,7 @@ def test_transformers_folder_asking_for_remote_code_is_refused_without_a_prompt(
             "0", "--cpu", "--finetune-steps", "1", "--batch-size", "8"]
     assert cli.main(argv) == 2
     err = _one_line_error(capsys)
-    assert err.startswith(f"error: refusing transformers model {str(model_dir)!r}: its config asks to run custom code")
+    assert err.startswith(f"error: {model_dir} asks to run its own code (config.json has an auto_map")
+    assert "which vit2cbsa never does (trust_remote_code=False)" in err
     assert not asked, "transformers prompted on stdin"
     assert not marker.exists() and not out.exists()

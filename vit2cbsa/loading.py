@@ -531,8 +531,11 @@ def _data_config(model: nn.Module, processor: Any) -> Dict[str, Any]:
 
 
 def _class_names(model: nn.Module) -> Optional[List[str]]:
-    """Class names of a classifier: a transformers ``id2label`` (unless generic ``LABEL_i``), or ImageNet's for a
-    timm model with ImageNet's classes."""
+    """Class names of a classifier: a timm ``pretrained_cfg["label_names"]`` (vit2cbsa folders keep them), a
+    transformers ``id2label`` (unless generic ``LABEL_i``), or ImageNet's for a timm model with ImageNet's classes."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if names and len(names) == getattr(model, "num_classes", None):
+        return [str(n) for n in names]
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if id2label:
         if all(str(v).startswith("LABEL_") for v in id2label.values()):

@@ -299,77 +299,31 @@ class LoadedModel:
 
 def load_model(spec: str, num_classes: int, class_names: List[str], checkpoint: Optional[str] = None,
                model_kwargs: Optional[dict] = None) -> LoadedModel:
-    """Load ``spec``: ``cifar10-teacher``, ``timm:NAME`` (``--checkpoint`` for local weights, else
-    ``pretrained=True``), ``hf:ID_OR_PATH`` or a local transformers folder; a bare name is tried as timm,
-    then transformers. The classifier is replaced when it does not have ``num_classes`` outputs."""
-    kwargs = dict(model_kwargs or {})
-    if spec == TEACHER:
-        from ..zoo import load_cifar10_teacher
-
-        try:
-            model, cfg = load_cifar10_teacher()
-        except FileNotFoundError as e:
-            raise UsageError(_one_line(e)) from None
-        reset = model.num_classes != num_classes
-        if reset:
-            model.reset_classifier(num_classes)
-        return LoadedModel(model, "timm", teacher_transforms(cfg), ["head"], reset, cfg.get("class_names"))
-    if spec.startswith("timm:") or (not spec.startswith("hf:") and not Path(spec).exists() and _is_timm_name(spec)):
-        return _load_timm(spec.split(":", 1)[1] if spec.startswith("timm:") else spec, num_classes, checkpoint, kwargs)
-    if checkpoint:
-        raise UsageError("--checkpoint is for timm models (--model timm:NAME); a transformers model loads from its folder")
-    return _load_hf(spec[3:] if spec.startswith("hf:") else spec, num_classes, class_names)
-
-
-def _is_timm_name(name: str) -> bool:
-    import timm
-
-    return bool(timm.list_models(name.split(".")[0]))
-
-
-def _load_timm(name: str, num_classes: int, checkpoint: Optional[str], kwargs: dict) -> LoadedModel:
-    import timm
-
-    if checkpoint and not Path(checkpoint).is_file():
-        raise UsageError(f"checkpoint file {checkpoint!r} does not exist")
-    try:
-        if checkpoint:
-            model = timm.create_model(name, pretrained=False, checkpoint_path=checkpoint, **kwargs)
-        else:
-            model = timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:  # unknown name, offline, weights that do not fit the kwargs ...
-        where = f" from {checkpoint}" if checkpoint else " (pretrained=True; offline? pass --checkpoint)"
-        raise UsageError(f"cannot load timm model {name!r}{where}: {_one_line(e)}") from None
-    reset = model.num_classes != num_classes
-    if reset:
-        model.reset_classifier(num_classes)
-    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
-    heads = [heads] if isinstance(heads, str) else list(heads)
-    return LoadedModel(model, "timm", timm_transforms(model), heads, reset)
-
-
-def _load_hf(path: str, num_classes: int, class_names: List[str]) -> LoadedModel:
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    """Load MODEL with the one resolver every command uses (:func:`vit2cbsa.loading.load`: ``cifar10-teacher``,
+    ``timm:NAME`` or a timm name (``--checkpoint`` for local weights, else ``pretrained=True``), ``hf:ID_OR_PATH``
+    or a local transformers folder), with a classifier of ``num_classes`` outputs (a head of another size is
+    replaced), and the preprocessing that goes with it."""
+    from ..loading import LoadError, load
 
     try:
-        # trust_remote_code=False: a config asking for custom code is refused (never run, never a stdin prompt)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
-        kw = {}
-        if config.num_labels != num_classes:
-            kw = dict(num_labels=num_classes, ignore_mismatched_sizes=True,
-                      id2label=dict(enumerate(class_names)), label2id={c: i for i, c in enumerate(class_names)})
-        model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False, **kw)
-    except Exception as e:
-        if "custom code" in str(e) or "trust_remote_code" in str(e):
-            raise UsageError(f"refusing transformers model {path!r}: its config asks to run custom code (auto_map); "
-                             "vit2cbsa loads only architectures built into transformers (trust_remote_code=False)"
-                             ) from None
-        raise UsageError(f"cannot load transformers model {path!r} (a local folder with config.json and "
-                         f"preprocessor_config.json, or a Hub id already in the cache): {_one_line(e)}") from None
-    heads = [n for n, _ in model.named_children() if "classifier" in n]
-    names = [model.config.id2label[i] for i in range(num_classes)] if not kw else None
-    return LoadedModel(model, "hf", hf_transforms(processor), heads, bool(kw), names)
+        lm = load(spec, checkpoint_path=checkpoint, model_kwargs=model_kwargs, num_classes=num_classes,
+                  class_names=class_names)
+    except LoadError as e:
+        raise UsageError(str(e)) from None
+    if lm.converted:
+        raise UsageError(f"{spec} is a converted vit2cbsa folder; fine-tune from the original model (it is the "
+                         "teacher for distillation, and --variant/--representatives convert it)")
+    kind = "hf" if lm.library == "transformers" else "timm"
+    if lm.source.kind == "teacher":
+        transforms = teacher_transforms(lm.config)
+    elif kind == "timm":
+        transforms = timm_transforms(lm.model)
+    elif lm.image_processor is None:
+        raise UsageError(f"transformers model {spec!r} has no image processor (preprocessor_config.json): "
+                         "save one next to it, e.g. AutoImageProcessor.from_pretrained(...).save_pretrained(folder)")
+    else:
+        transforms = hf_transforms(lm.image_processor)
+    return LoadedModel(lm.model.train(), kind, transforms, lm.head_names, lm.head_reset, lm.class_names)
 
 
 def logits_of(model: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
