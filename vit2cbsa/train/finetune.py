@@ -82,7 +82,6 @@ from .data import (BadImageError, DataError, TransformedDataset, Transforms, hf_
                    subset_indices, teacher_transforms, timm_transforms)
 from .lock import LockHeld, OutputLock, this_process
 
-TEACHER = "cifar10-teacher"
 STAGES = ("align", "finetune")
 PROGRESS = "progress.json"
 STOP_EXIT_CODE = 17  # --stop-after-step: the simulated kill
