@@ -109,7 +109,7 @@ def test_help_and_invalid_choice_list_explain(capsys):
     assert code == 0 and "explain" in out and "save the attention maps of one image as a PNG" in out
     assert "cifar10-teacher" in out
     code, _, err = run(capsys, "no-such-command")
-    assert code == 2 and "invalid choice: 'no-such-command' (choose from 'convert', 'inspect', 'push', 'explain')" in err
+    assert code == 2 and "invalid choice: 'no-such-command' (choose from 'convert', 'inspect', 'push', 'export', 'explain')" in err
     code, out, _ = run(capsys, "explain", "--help")
     assert code == 0 and out.startswith("usage: vit2cbsa explain")
     code, out, _ = run(capsys, "--traceback", "explain", "--help")  # a global option first: still explain's parser

@@ -4,6 +4,8 @@
 ``vit2cbsa inspect``  shows which attention layers would be converted and what that changes
                       (tokens, FLOPs, parameters) at a given resolution, without any weights;
 ``vit2cbsa push``     uploads a saved folder to the Hugging Face Hub with a model card;
+``vit2cbsa export``   converts MODEL (if it is not a converted folder already) and writes a ``torch.export``
+                      program (.pt2) or an ONNX file checked in ONNX Runtime (:mod:`vit2cbsa.export`);
 ``vit2cbsa explain``  saves the attention maps of one image as a PNG (:mod:`vit2cbsa.analysis.cli`).
 
 MODEL arguments are resolved by :func:`vit2cbsa.loading.resolve`, the same for every command, in this
@@ -57,6 +59,7 @@ examples:
   vit2cbsa convert vit_base_patch16_224 --variant cbsa --representatives 64 --layers 6: --out vit-b-cbsa
   vit2cbsa convert ./my-hf-vit --variant contraction_free --out ./my-hf-vit-cbsa
   vit2cbsa push vit-b-cbsa user/vit-b-cbsa --metric top1=80.4 --dataset imagenet-1k --license apache-2.0
+  vit2cbsa export vit-b-cbsa --out vit-b-cbsa.onnx
   vit2cbsa explain cifar10-teacher:cbsa cat.png --layer -1 --out maps.png
 
 layers:   all (default), one index (-1), a list (0,1,2) or a slice (6: keeps layers 0-5 softmax)
@@ -155,9 +158,9 @@ def _conversion_options(args: argparse.Namespace) -> dict:
             "prefix_broadcast": args.prefix_broadcast or "own"}
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def _load_converted(args: argparse.Namespace) -> Tuple[Any, nn.Module]:
+    """MODEL with its pretrained weights, converted with the options (or as saved, for a converted folder)."""
     from .convert import conversion_info, convert
-    from .hub import save_pretrained
     from .layout import as_grid
 
     source = resolve(args.model)
@@ -175,10 +178,57 @@ def cmd_convert(args: argparse.Namespace) -> int:
                            + " -- convert the original model instead")
     else:
         convert(model, **_conversion_options(args))  # a RepresentativesWarning is printed by main()
+    return loaded, model
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import conversion_info
+    from .hub import save_pretrained
+
+    loaded, model = _load_converted(args)
     out = save_pretrained(model, args.out, image_processor=loaded.image_processor,
                           base_model=loaded.base_model or None, max_shard_size=args.max_shard_size)
     print(conversion_info(model))
     print(f"saved to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import export
+    from .convert import conversion_info
+
+    fmt = args.format or {".onnx": "onnx", ".pt2": "pt2"}.get(Path(args.out).suffix)
+    if fmt is None:
+        raise CLIError(f"--out {args.out}: name the file .onnx or .pt2, or pass --format onnx|pt2")
+    _, model = _load_converted(args)
+    model.eval()
+    dynamic = False if args.static_size else None
+    example = export.example_input(model, 2, args.resolution)
+    print(conversion_info(model))
+    if fmt == "onnx":
+        report = export.export_onnx(model, args.out, example, dynamic_size=dynamic, check=not args.no_check)
+        checked = ", ".join(f"{b}x{h}x{w}" for b, h, w in report.checked_sizes)
+        print(f"saved {report.path} (ONNX; dynamic batch{', height and width' if report.dynamic_size else ''})"
+              + (f"; ONNX Runtime vs eager: max |diff| {report.max_abs_diff:.2g} at {checked}" if checked else ""))
+        return 0
+    program = export.export_program(model, example, dynamic_size=dynamic)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, args.out)
+    if not args.no_check:
+        loaded = torch.export.load(args.out).module()
+        worst = 0.0
+        sizes = export.check_sizes(model, export.exports_other_sizes(model) and dynamic is None, example.shape[-2:])
+        for i, (b, h, w) in enumerate(sizes):
+            images = export.example_input(model, b, (h, w), seed=i + 1)
+            with torch.no_grad():
+                worst = max(worst, (loaded(images) - export.ImagesToTensor(model)(images)).abs().max().item())
+        if not worst <= 1e-4:
+            raise CLIError(f"{args.out}: the exported program differs from eager by {worst:.3g}")
+        print(f"saved {args.out} (torch.export program); reloaded vs eager: max |diff| {worst:.2g}")
+    else:
+        print(f"saved {args.out} (torch.export program)")
     return 0
 
 
@@ -336,6 +386,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", help="commit message")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser(
+        "export", formatter_class=fmt, help="export a converted model to ONNX or a torch.export program",
+        description=_para("Load MODEL (converting it with the options below unless it is a converted folder) and "
+                    "write --out: an ONNX file (torch.onnx.export with dynamo=True, then run in ONNX Runtime and "
+                    "compared with eager) or a torch.export program (.pt2, reloaded and compared). The batch "
+                    "size is dynamic; height and width too for timm models built with dynamic_img_size "
+                    "(transformers models export at their own size). ONNX needs pip install \"vit2cbsa[export]\"."),
+        epilog="examples:\n  vit2cbsa export vit-b-cbsa --out vit-b-cbsa.onnx\n"
+               "  vit2cbsa export vit_small_patch16_224 --variant contraction_free --out vit-s-cf.pt2")
+    p.add_argument("model", metavar="MODEL", help=f"{TEACHER}, a local folder, a timm model name or a Hub repo id")
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write (.onnx or .pt2)")
+    p.add_argument("--format", choices=("onnx", "pt2"), help="default: from the --out suffix")
+    p.add_argument("--resolution", type=parse_resolution, default=None, metavar="N|HxW",
+                   help="the example input size traced (default: the model's own)")
+    p.add_argument("--static-size", action="store_true", help="fix height and width at the traced size")
+    p.add_argument("--no-check", action="store_true", help="skip the comparison with eager")
+    _add_conversion_options(p)
+    p.set_defaults(func=cmd_export)
 
     # `vit2cbsa explain` has its own parser (vit2cbsa.analysis.cli); main() hands it the arguments. Listed here
     # for `vit2cbsa --help` and the "invalid choice" message.
