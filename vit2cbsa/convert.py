@@ -5,6 +5,13 @@ order), select the requested ones, build every replacement first (sharing the pr
 q/k/v/o ``nn.Linear`` layers), and only then swap them in and hook the patch embedding so
 that the converted layers see the patch grid of each input. Any error before the swap
 leaves the model exactly as it was.
+
+The patch grid survives tracing (:mod:`vit2cbsa.layout`): the hook keeps ``torch.export``'s
+symbolic sizes, and the patch-embedding convolution's class becomes :class:`~vit2cbsa.layout.GridConv2d`
+(same parameters and names), which records the grid as graph values under ``torch.fx``. A converted
+model exports with a dynamic batch size and image size wherever the original does, and traces with
+``torch.fx`` (``create_feature_extractor``) wherever the original does; ``torch.jit.script`` raises one
+line pointing to ``torch.export``.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import nn
 from . import __version__, specs
 from .adapters import ADAPTERS, Adapter, ConvertedAttention, find_adapter
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS, build_mixer
-from .layout import EXTRA_REPRESENTATIVES, GridLike, GridRecorder, TokenLayout, as_grid, effective_grid
+from .layout import EXTRA_REPRESENTATIVES, GridConv2d, GridLike, GridRecorder, TokenLayout, as_grid, effective_grid
 
 logger = logging.getLogger("vit2cbsa")
 
@@ -450,6 +457,9 @@ def convert(
         setattr(parent, child, new)
     patch = model.get_submodule(patch_name)  # (in the copy, when not inplace)
     handle = patch.register_forward_hook(GridRecorder(layout))
+    if type(patch) is nn.Conv2d:  # under torch.fx, where hooks do not run, the convolution records (GridConv2d)
+        patch.__class__ = GridConv2d
+        patch._vit2cbsa_layout = layout
     object.__setattr__(model, _LAYOUT_ATTR, layout)
     object.__setattr__(model, _HOOK_ATTR, handle)
     object.__setattr__(model, _INFO_ATTR, info)

@@ -2,9 +2,19 @@
 
 A ViT attention layer sees ``N = t + h * w`` tokens: ``t`` prefix tokens (class,
 distillation, register tokens) followed by the ``h x w`` patch grid in row-major order.
-The grid is never guessed from ``N`` (no ``int(sqrt(N))``): a forward hook on the model's
-patch-embedding convolution records the grid of the *actual* input, and each converted
-attention layer reads it and derives ``t = N - h * w``.
+The grid is never guessed from ``N`` (no ``int(sqrt(N))``): the model's patch-embedding
+convolution records the grid of the *actual* input, its output's spatial shape, and each
+converted attention layer reads it and derives ``t = N - h * w``.
+
+Traced, the grid is data of the traced program, never a constant of the trace. In eager
+execution (and under ``torch.compile``) a forward hook (:class:`GridRecorder`) records Python
+ints. Under ``torch.export`` the hook runs too and keeps the sizes symbolic (``SymInt``): the
+exported program computes ``h, w`` from its input's shape. Under ``torch.fx`` symbolic tracing
+hooks do not run, so the convolution itself (its class swapped to :class:`GridConv2d`, same
+parameters and names) records its output's shape as graph values (``Proxy``). Every size that
+is not a Python int takes a branch-free path (:func:`is_concrete`): no Python ``if`` on it, the
+clamp to the patch grid as ``sym_min``, pooling as two separable window matrices built from the
+sizes (:func:`pool_patches`), and the prefix tokens always concatenated, even when there are none.
 
 Representative initialisation (CBSA step 1) is average pooling of the patch tokens over
 the grid, prefix tokens excluded::
@@ -34,6 +44,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple, Union
 
 import torch
+import torch.fx
 from torch import nn
 
 GridLike = Union[int, Tuple[int, int]]
@@ -83,11 +94,29 @@ def _near_factor(n: int) -> int:
     return best
 
 
+def is_concrete(*sizes) -> bool:
+    """True when every size is a Python int: eager execution, ``torch.compile``, or a static export. Otherwise
+    (``SymInt`` under ``torch.export`` with dynamic shapes, ``torch.fx.Proxy`` under fx tracing) the code takes its
+    branch-free path, so that the traced program holds for every grid, not just the one traced."""
+    for size in sizes:
+        if not isinstance(size, int):
+            return False
+    return True
+
+
+def is_tracing(x: torch.Tensor) -> bool:
+    """True while ``x`` is traced by ``torch.fx`` (a ``Proxy``) or ``torch.export``: the converted layers then
+    run their autograd-traceable forward (inference, or training through the traced program's autograd)."""
+    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_exporting()
+
+
 class TokenLayout:
     """Where the patch grid of the current forward pass lives; shared by all converted layers.
 
-    ``grid`` is set by :class:`GridRecorder` from the patch-embedding output on every forward
-    pass (or by :meth:`use_grid` for callers that run attention layers on their own).
+    ``grid`` is set from the patch-embedding output on every forward pass (:class:`GridRecorder`, or
+    :class:`GridConv2d` under fx tracing), or by :meth:`use_grid` for callers that run attention layers
+    on their own. While a model is traced it holds the tracer's sizes (``SymInt`` / ``Proxy``); copies
+    and pickles of the layout keep only a concrete grid.
     """
 
     def __init__(self, grid: Optional[Tuple[int, int]] = None) -> None:
@@ -98,6 +127,16 @@ class TokenLayout:
         self.grid = (int(grid[0]), int(grid[1]))
         return self
 
+    def record(self, feature_map: torch.Tensor) -> None:
+        """Set the grid from the patch embedding's ``B x C x h x w`` output (its last two sizes, as they come:
+        ints, or the tracer's symbolic sizes under ``torch.export`` / ``torch.fx``). Under ``torch.compile`` the
+        sizes are specialised to ints, one graph per grid, as the eager path branches on them."""
+        h, w = feature_map.shape[-2], feature_map.shape[-1]
+        if isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt):
+            if not torch.compiler.is_exporting():
+                h, w = int(h), int(w)
+        self.grid = (h, w)
+
     def split(self, num_tokens: int) -> Tuple[int, int, int]:
         """Return ``(num_prefix, h, w)`` for a sequence of ``num_tokens`` tokens."""
         grid = self.grid
@@ -107,18 +146,33 @@ class TokenLayout:
                 "from the model's patch embedding, so call the whole model (not a block on its own), "
                 "or set it explicitly with `vit2cbsa.layout_of(model).use_grid((h, w))`."
             )
-        h, w = grid
+        h, w = grid[0], grid[1]
         prefix = num_tokens - h * w
-        if prefix < 0:
-            raise ValueError(
-                f"vit2cbsa: attention received {num_tokens} tokens but the patch grid is {h}x{w} = {h * w} "
-                "patches; this model changes the token count between the patch embedding and attention "
-                "(token merging/pooling), which converted layers do not support."
-            )
+        if isinstance(prefix, int):
+            if prefix < 0:
+                raise ValueError(_merged_tokens_message(num_tokens, h, w))
+        elif isinstance(prefix, torch.SymInt):  # torch.export: a runtime assertion where it is not decided
+            torch._check(prefix >= 0, lambda: _merged_tokens_message(num_tokens, h, w))
+        else:  # torch.fx: an assertion node of the traced graph
+            torch._assert(prefix >= 0, "vit2cbsa: attention received fewer tokens than the patch grid has "
+                                       "patches (token merging/pooling is not supported)")
         return prefix, h, w
+
+    def __getstate__(self) -> dict:
+        grid = self.grid
+        return {"grid": grid if grid is not None and is_concrete(*grid) else None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.grid = state.get("grid")
 
     def __repr__(self) -> str:
         return f"TokenLayout(grid={self.grid})"
+
+
+def _merged_tokens_message(num_tokens, h, w) -> str:
+    return (f"vit2cbsa: attention received {num_tokens} tokens but the patch grid is {h}x{w} = {h * w} "
+            "patches; this model changes the token count between the patch embedding and attention "
+            "(token merging/pooling), which converted layers do not support.")
 
 
 class GridRecorder:
@@ -128,13 +182,55 @@ class GridRecorder:
         self.layout = layout
 
     def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if isinstance(output, torch.fx.Proxy):  # fx tracing: GridConv2d records (hooks of fx leaf modules never run)
+            return
         if output.dim() == 4:
-            self.layout.grid = (int(output.shape[-2]), int(output.shape[-1]))
+            self.layout.record(output)
+
+
+class GridConv2d(nn.Conv2d):
+    """The patch-embedding ``nn.Conv2d`` of a converted model (:func:`vit2cbsa.convert` swaps its class; the
+    parameters, their names and the computation are the convolution's own).
+
+    Under ``torch.fx`` symbolic tracing, where the forward hooks of leaf modules (``torch.nn`` modules) never run,
+    it records the grid in the layout as graph values, so that the traced graph computes each input's grid: fx
+    traces through it (it is no ``torch.nn`` leaf) and records its ``conv2d``. The grid is computed from the input's
+    shape before the convolution, so the ``conv2d`` stays the module's last node (``return_nodes=["...proj"]`` of
+    ``create_feature_extractor`` still returns the convolution's output). Otherwise the :class:`GridRecorder`
+    hook records."""
+
+    _vit2cbsa_layout: Optional[TokenLayout] = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy) and self._vit2cbsa_layout is not None:
+            self._vit2cbsa_layout.grid = (self._output_size(input, 0), self._output_size(input, 1))
+        return self._conv_forward(input, self.weight, self.bias)
+
+    def _output_size(self, input, axis: int):
+        """The output size along spatial ``axis`` of an input (``nn.Conv2d``'s formula; padding modes other than
+        zeros pad by the same amounts)."""
+        size = input.shape[axis - 2]
+        pad = 0 if self.padding == "valid" else self.padding[axis]  # "same" needs stride 1: never a patch embedding
+        span = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
+        return (size + 2 * pad - span) // self.stride[axis] + 1
+
+
+def _sym_min(a: int, b: int) -> int:
+    """``min(a, b)`` for sizes: an int for ints, ``sym_min`` for ``SymInt``; a node of the graph under fx (typed, so
+    that TorchScript compiles it in a scripted fx graph)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return torch.sym_min(a, b)
+
+
+torch.fx.wrap("_sym_min")
 
 
 def effective_grid(rep_grid: Tuple[int, int], h: int, w: int) -> Tuple[int, int]:
     """The representative grid actually used on an ``h x w`` patch grid (clamped to it)."""
-    return min(rep_grid[0], h), min(rep_grid[1], w)
+    if isinstance(h, int) and isinstance(w, int):
+        return min(rep_grid[0], h), min(rep_grid[1], w)
+    return _sym_min(rep_grid[0], h), _sym_min(rep_grid[1], w)
 
 
 def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tuple[int, int]) -> torch.Tensor:
@@ -142,11 +238,14 @@ def pool_patches(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid: Tu
 
     Prefix tokens (the first ``prefix``) are excluded. Equal windows (``gh | h``, ``gw | w``) are
     averaged through a strided view; otherwise one ``m x hw`` averaging matrix (the adaptive
-    windows of ``adaptive_avg_pool2d``) multiplies the patches.
+    windows of ``adaptive_avg_pool2d``) multiplies the patches. Symbolic sizes (:func:`is_concrete`):
+    the rows, then the columns, are averaged by their ``gh x h`` and ``gw x w`` window matrices, built in
+    the traced program from the sizes, whichever windows they turn out to be.
     """
-    b, nh, n, d = tokens.shape
     gh, gw = effective_grid(rep_grid, h, w)
     patches = tokens[:, :, prefix:, :]
+    if not is_concrete(h, w, gh, gw):
+        return _pool_separable(patches, h, w, gh, gw)
     if h % gh == 0 and w % gw == 0:
         # equal windows: a strided view and a mean, which copies nothing and saves nothing for backward
         return patches.unflatten(2, (gh, h // gh, gw, w // gw)).mean(dim=(3, 5)).flatten(2, 3)
@@ -167,6 +266,16 @@ def pool_patches_adjoint(grad: torch.Tensor, h: int, w: int, rep_grid: Tuple[int
         spread = (grad / (bh * bw)).view(b, nh, gh, 1, gw, 1, d).expand(b, nh, gh, bh, gw, bw, d)
         return spread.reshape(b, nh, h * w, d)
     return _averaging_matrix(h, w, gh, gw, grad).transpose(0, 1) @ grad
+
+
+def _pool_separable(patches: torch.Tensor, h, w, gh, gw) -> torch.Tensor:
+    """Adaptive average pooling of ``B x H x (h w) x d`` patches to ``B x H x (gh gw) x d``, branch-free: the
+    ``gh x h`` row windows, then the ``gw x w`` column windows (the averaging matrix is their outer product)."""
+    b, nh, d = patches.shape[0], patches.shape[1], patches.shape[3]
+    rows, cols = _windows(h, gh, patches), _windows(w, gw, patches)
+    x = rows @ patches.reshape(b, nh, h, w * d)  # B H gh (w d)
+    x = cols @ x.reshape(b, nh, gh, w, d)  # B H gh gw d
+    return x.reshape(b, nh, gh * gw, d)
 
 
 _MATRICES: Dict[tuple, torch.Tensor] = {}
@@ -237,6 +346,11 @@ def representatives(tokens: torch.Tensor, prefix: int, h: int, w: int, rep_grid:
     extra representatives of ``extra`` around it (module docstring)."""
     pooled = pool_patches(tokens, prefix, h, w, rep_grid)
     lead, glob = extra_parts(extra, prefix)
+    if not is_concrete(lead):  # traced: the leading prefix tokens, however many (none is an empty slice)
+        parts = [tokens[:, :, :lead], pooled]
+        if glob:
+            parts.append(tokens[:, :, prefix:].mean(dim=2, keepdim=True))
+        return torch.cat(parts, dim=2)
     if not lead and not glob:
         return pooled
     parts = [tokens[:, :, :lead]] if lead else []

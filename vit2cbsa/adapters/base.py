@@ -14,12 +14,61 @@ all keep working.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Any, Optional, Tuple
 
 import torch
+import torch.fx
 from torch import nn
 
 from ..layout import TokenLayout
+
+#: what ``torch.jit.script`` of a converted model raises (:meth:`ConvertedAttention.__prepare_scriptable__`)
+TORCHSCRIPT_MESSAGE = (
+    "vit2cbsa: converted attention does not support TorchScript (torch.jit.script, deprecated upstream); "
+    "export the model with torch.export.export (dynamic batch and image size supported) or trace it with torch.fx"
+)
+
+MASK_MESSAGE = "vit2cbsa: converted attention does not support attention masks or causal attention"
+
+
+def refuse_masks(attn_mask: Any, is_causal: Any = False) -> None:
+    """Raise ``ValueError`` if an attention mask or causal attention is asked for: converted attention has neither.
+
+    Traced, a mask can be there without masking anything, and its value is unknown while tracing:
+
+    * ``torch.fx``: the host model's ``attn_mask=None, is_causal=False`` defaults are graph inputs (``Proxy``); the
+      check becomes a node of the graph, run on the values the traced model is called with;
+    * ``torch.export``: transformers builds an all-visible mask instead of ``None`` (it cannot look into a traced
+      mask); the exported program asserts at run time that the mask masks nothing.
+    """
+    if isinstance(attn_mask, torch.fx.Proxy) or isinstance(is_causal, torch.fx.Proxy):
+        _refuse_masks_at_run_time(attn_mask, is_causal)
+    elif is_causal:
+        raise ValueError(MASK_MESSAGE)
+    elif attn_mask is not None:
+        if not torch.compiler.is_exporting():
+            raise ValueError(MASK_MESSAGE)
+        torch._assert_async(_masks_nothing(attn_mask), MASK_MESSAGE)
+
+
+def _masks_nothing(mask: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: ``mask`` lets every query see every key (all ``True``, or an additive mask of zeros)."""
+    if mask.dtype == torch.bool:
+        return mask.all()
+    return (mask == 0).all()
+
+
+@torch.fx.node.has_side_effect  # kept by dead-code elimination (e.g. create_feature_extractor's) though unused
+def _refuse_masks_at_run_time(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    # typed, and the message written out, so that TorchScript compiles it in a scripted fx graph
+    if is_causal:
+        raise ValueError("vit2cbsa: converted attention does not support attention masks or causal attention")
+    if attn_mask is not None:
+        if not bool(_masks_nothing(attn_mask)):
+            raise ValueError("vit2cbsa: converted attention does not support attention masks or causal attention")
+
+
+torch.fx.wrap("_refuse_masks_at_run_time")
 
 
 @dataclass(frozen=True)
@@ -68,6 +117,10 @@ class ConvertedAttention(nn.Module):
     def new_parameters(self):
         """The parameters the conversion added (step sizes, feature maps): what alignment trains."""
         return list(self.mixer.parameters())
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` calls this on every submodule first: fail there with one clear line."""
+        raise RuntimeError(TORCHSCRIPT_MESSAGE)
 
 
 class Adapter:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenLayout
-from .base import Adapter, AttentionSpec, ConvertedAttention
+from .base import Adapter, AttentionSpec, ConvertedAttention, refuse_masks
 
 
 class HFConvertedAttention(ConvertedAttention):
@@ -36,8 +36,7 @@ class HFConvertedAttention(ConvertedAttention):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 *args, **kwargs) -> Tuple[torch.Tensor, None]:
-        if attention_mask is not None:
-            raise ValueError("vit2cbsa: converted attention does not support attention masks")
+        refuse_masks(attention_mask)
         return getattr(self, self.out_name)(self.mix(hidden_states)), None
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenLayout
-from .base import Adapter, AttentionSpec, ConvertedAttention
+from .base import Adapter, AttentionSpec, ConvertedAttention, refuse_masks
 
 
 class TimmConvertedAttention(ConvertedAttention):
@@ -40,8 +40,7 @@ class TimmConvertedAttention(ConvertedAttention):
         return self.q_norm(q), self.k_norm(k), v
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("vit2cbsa: converted attention does not support attention masks or causal attention")
+        refuse_masks(attn_mask, is_causal)
         out = self.norm(self.mix(x))
         if self.gate is not None:
             out = out * self.gate(x).sigmoid()

@@ -53,7 +53,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..layout import EXTRA_REPRESENTATIVES, TokenLayout
+from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, is_tracing
 from .cbsa_explicit import ExplicitCBSA, Geometry, flat_heads, forward_steps
 
 BROADCASTS = ("key", "query", "transpose")
@@ -137,6 +137,8 @@ class CBSAMixer(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         geo = self.geometry(q.shape[-2], layout)
         args = self.step_sizes(q.dtype)
+        if is_tracing(q):  # torch.fx / torch.export: the forward steps, which autograd differentiates if asked
+            return forward_steps(q, k, v, *args, geo).out
         stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
         if stores_graph and self.broadcast != "transpose":
             return ExplicitCBSA.apply(flat_heads(q), flat_heads(k), flat_heads(v), *args, geo, self.recompute)

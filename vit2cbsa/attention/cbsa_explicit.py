@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..layout import extra_parts, representatives, representatives_adjoint_
+from ..layout import extra_parts, is_concrete, representatives, representatives_adjoint_
 
 
 def flat_heads(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,7 @@ class Steps(NamedTuple):
 
 def _eye_rows(rows: int, like: torch.Tensor) -> torch.Tensor:
     """``B x H x rows x m`` one-hot rows on representatives ``0 .. rows-1`` (``like``: ``B x H x * x m``)."""
-    b, nh, _, m = like.shape
+    b, nh, m = like.shape[0], like.shape[1], like.shape[3]
     return torch.eye(rows, m, dtype=like.dtype, device=like.device).expand(b, nh, rows, m)
 
 
@@ -126,7 +126,7 @@ def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Ge
     else:
         ks = (kr if geo.broadcast == "key" else p) * T1
         bm = torch.softmax(q[:, :, own:] @ ks.transpose(-2, -1), dim=-1)
-    if own:
+    if not is_concrete(own) or own:  # traced: however many rows (none: an empty block)
         bm = torch.cat([_eye_rows(own, bm), bm], dim=2)
     return Steps(p, pe, a, vr, kr, g, cc, c, ks, bm)
 
