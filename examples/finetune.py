@@ -11,6 +11,10 @@ Runs unchanged on one CPU process, several processes, one or many GPUs and nodes
         --model timm:vit_base_patch16_224.augreg2_in21k_ft_in1k --dataset imagenet-1k \\
         --out runs/vitb --representatives 64 --layers 6: \\
         --finetune-steps 20000 --lora-rank 16 --distill-weight 0.5 --batch-size 512
+    accelerate launch --config_file examples/accelerate_fsdp.yaml examples/finetune.py ...   # FSDP2, 8 GPUs, bf16
+    accelerate launch --config_file examples/accelerate_fsdp_cpu.yaml examples/finetune.py --cpu ...  # FSDP2, 2 CPU
+    (FSDP: the units are the ViT blocks and the converted attention layers, chosen by vit2cbsa; checkpoints
+    are sharded, one file per process; OUT/final is the same vit2cbsa folder as without FSDP)
 
 Models: ``cifar10-teacher`` (the embedded CIFAR-10 ViT), ``timm:NAME`` (``pretrained=True``, or local
 weights with ``--checkpoint FILE`` and ``--model-kwargs JSON``), ``hf:ID`` or a local transformers

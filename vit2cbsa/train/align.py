@@ -50,16 +50,25 @@ class AttentionAligner(nn.Module):
         trainable: ``"new"`` trains only the parameters added by the conversion (step sizes,
             temperatures, feature maps); ``"attention"`` also the pretrained q/k/v/o of the
             converted layers. Everything else in the student is left untouched.
+        teacher_as_submodule: register the teacher as a submodule (``aligner.teacher``: moved by
+            ``.to()``, in ``state_dict()``, wrapped by DDP with the rest). ``False`` keeps it outside the
+            module tree, so a sharding wrapper (FSDP) applied to the aligner shards only the student and
+            the teacher stays a plain frozen copy that can still be called on its own.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, trainable: str = "attention") -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, trainable: str = "attention", *,
+                 teacher_as_submodule: bool = True) -> None:
         super().__init__()
         info = conversion_info(student)
         if info is None:
             raise ValueError("align: `student` was not converted with vit2cbsa.convert")
         if trainable not in ("new", "attention"):
             raise ValueError(f"trainable must be 'new' or 'attention', got {trainable!r}")
-        self.student, self.teacher = student, teacher.eval().requires_grad_(False)
+        self.student = student
+        if teacher_as_submodule:
+            self.teacher = teacher.eval().requires_grad_(False)
+        else:
+            object.__setattr__(self, "teacher", teacher.eval().requires_grad_(False))
         self.names = [layer.name for layer in info.converted]
         self.captured: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self.handles = []
@@ -103,15 +112,20 @@ class AttentionAligner(nn.Module):
             groups.append({"params": self.pretrained, "lr": pretrained_lr})
         return groups
 
-    def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Alignment loss on a batch of images: ``(total, [per-layer relative errors])``."""
+    def forward(self, pixel_values: torch.Tensor, predict: bool = False):
+        """Alignment loss on a batch of images: ``(total, [per-layer relative errors])``.
+
+        ``predict=True``: the student's logits (:func:`call_model`) instead, so that a wrapper around the
+        aligner (FSDP, whose root must run first) can evaluate the student through it."""
+        if predict:
+            return call_model(self.student, pixel_values)
         self.captured.clear()
         with torch.no_grad():
             call_model(self.teacher, pixel_values)
         losses = []
         for name, layer in zip(self.names, self.student_layers):
             x, y = self.captured[name]
-            out = _first(layer(x))
+            out, y = _first(layer(x)).float(), y.float()  # sums over every element: in float32 under mixed precision
             losses.append((out - y).pow(2).mean() / y.pow(2).mean().clamp_min(1e-12))
         return torch.stack(losses).sum(), losses
 

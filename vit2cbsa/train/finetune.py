@@ -14,9 +14,12 @@
 3. final evaluation of the original and the converted model -> ``out/final.json``, weights (LoRA
    merged) -> ``out/final/model.safetensors``.
 
-Accelerate does the distributed work (DDP, or FSDP/DeepSpeed as configured with
-``accelerate config``), mixed precision, gradient accumulation and checkpointing. ``batch_size``
-is the global batch per optimizer step, split over processes and accumulation steps.
+Accelerate does the distributed work (DDP, or FSDP2 as configured with ``accelerate config`` /
+``examples/accelerate_fsdp.yaml``; :mod:`vit2cbsa.train.sharding` says what changes under FSDP: the units are
+the ViT blocks and the converted attention layers, the teacher stays unsharded, weights are gathered between
+stages and for ``out/final``), mixed precision (bf16 and fp16, also on the CPU, where Accelerate itself would
+leave fp16 off), gradient accumulation and checkpointing. ``batch_size`` is the global batch per optimizer step,
+split over processes and accumulation steps.
 
 Resuming: every ``checkpoint_every`` optimizer steps, and at the end of each stage, the full
 training state (model, optimizer, scheduler, RNG of every process, sampler) is saved with
@@ -81,6 +84,8 @@ from .align import AttentionAligner
 from .data import (BadImageError, DataError, TransformedDataset, Transforms, hf_transforms, load_image_data,
                    subset_indices, teacher_transforms, timm_transforms)
 from .lock import LockHeld, OutputLock, this_process
+from .sharding import (dcp_problem, describe_units, fsdp_requested, fsdp_version, full_state_dict, make_plugin,
+                       quiet_view_warning, set_wrap_policy, shard_cpu_processes)
 
 STAGES = ("align", "finetune")
 PROGRESS = "progress.json"
@@ -212,6 +217,9 @@ def check_environment(c: "FinetuneConfig") -> None:
             if not p.is_dir():
                 raise UsageError(f"--out {c.output_dir!r}: {str(p)!r} is an existing file, not a folder")
             break
+    if fsdp_requested() and fsdp_version() != 2:
+        raise UsageError(f"FSDP version {fsdp_version()} (from accelerate launch / accelerate config): vit2cbsa "
+                         "fine-tunes with FSDP2 only; set fsdp_version: 2 (see examples/accelerate_fsdp.yaml)")
     from_env = c.mixed_precision is None
     mp = (os.environ.get("ACCELERATE_MIXED_PRECISION", "no") if from_env else c.mixed_precision).lower()
     if mp in ("no", ""):
@@ -235,11 +243,25 @@ def check_environment(c: "FinetuneConfig") -> None:
                              f"{cap[0]}.{cap[1]}: use --mixed-precision bf16 or fp16")
         if not is_fp8_available():
             raise UsageError(f"{source} needs torchao, transformer-engine or MS-AMP installed")
-    elif mp == "fp16" and device.type == "cpu":
-        raise UsageError(f"{source} does not work on cpu (Accelerate would silently train in fp32): "
-                         "use --mixed-precision bf16 or no")
+    elif mp in ("fp16", "bf16") and device.type == "cpu" and not cpu_autocast_supports(mp):
+        raise UsageError(f"{source}: this torch cannot autocast to {mp} on cpu; use --mixed-precision "
+                         f"{'bf16' if mp == 'fp16' else 'no'}")
     elif mp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"{source}: this GPU does not support bf16; use --mixed-precision fp16 or no")
+
+
+def cpu_autocast_supports(mp: str) -> bool:
+    """Whether ``torch.autocast("cpu", dtype)`` really autocasts to the dtype of ``mp`` ("fp16", "bf16")."""
+    import warnings
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # older torch: "target dtype is not supported. Disabling autocast."
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+        except (RuntimeError, TypeError, AttributeError):
+            return False
 
 
 # --------------------------------------------------------------------------- small pieces
@@ -447,6 +469,11 @@ def checkpoint_problem(d: Path) -> Tuple[Optional[dict], Optional[str]]:
         why = _file_problem(f)
         if why is not None:
             return None, f"{f.relative_to(d)} is {why}"
+    for sub in sorted(p for p in d.iterdir() if p.is_dir()):  # FSDP's sharded model / optimizer states
+        if sub.name.startswith(("pytorch_model_fsdp", "optimizer")) or any(sub.glob("*.distcp")):
+            why = dcp_problem(sub)
+            if why is not None:
+                return None, why
     return progress, None
 
 
@@ -539,15 +566,27 @@ class StageClock:
 class _Run:
     def __init__(self, config: FinetuneConfig) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, set_seed
+        from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
 
         c = self.config = config
         validate_values(c)  # again: the fields may have been changed after construction
         check_environment(c)
+        plugin = make_plugin(c.mixed_precision) if fsdp_requested() else None
+        self.fsdp_extra_units = list(plugin.transformer_cls_names_to_wrap or []) if plugin is not None else []
         self.accelerator = acc = Accelerator(
             mixed_precision=c.mixed_precision, gradient_accumulation_steps=c.grad_accum, cpu=c.cpu,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=c.seed),
-            step_scheduler_with_optimizer=False)
+            step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
+        if plugin is not None and shard_cpu_processes(acc, plugin):
+            acc.print("FSDP on CPU processes: Accelerate would fall back to DDP here; sharding with PyTorch's "
+                      "FSDP2 over gloo instead")
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
+        if self.fsdp:
+            quiet_view_warning()
+        if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.scaler is None:
+            # Accelerate leaves fp16 off on the CPU (it would train in float32); torch autocasts and scales there
+            acc.native_amp = True
+            acc.scaler = torch.amp.GradScaler("cpu")
         self.out = Path(c.output_dir).expanduser()
         self.ckpt_dir = self.out / "checkpoints"
         self.stages = [s for s, n in zip(STAGES, (c.align_steps, c.finetune_steps)) if n > 0]
@@ -573,9 +612,7 @@ class _Run:
                              "for this dataset")
         self.original = lm.model.eval().requires_grad_(False)
         try:
-            self.student = convert(copy.deepcopy(self.original), c.variant, parse_representatives(c.representatives),
-                                   parse_layers(c.layers), broadcast=c.broadcast,
-                                   extra_representatives=c.extra_representatives, prefix_broadcast=c.prefix_broadcast)
+            self.student = self._converted_copy()
         except (TypeError, ValueError) as e:
             raise UsageError(f"convert: {_one_line(e)}") from None
         if "finetune" in self.stages and c.lora_rank > 0:
@@ -591,6 +628,25 @@ class _Run:
             self.data.eval, lm.transforms.eval, skip_bad=skip, indices=[self.eval_ds.indices[i] for i in sub])
         if len(self.train_ds) < c.batch_size:
             raise UsageError(f"the training split has {len(self.train_ds)} images, fewer than one batch of {c.batch_size}")
+
+    def _converted_copy(self) -> nn.Module:
+        """A fresh converted copy of the original, as the run's options say."""
+        c = self.config
+        return convert(copy.deepcopy(self.original), c.variant, parse_representatives(c.representatives),
+                       parse_layers(c.layers), broadcast=c.broadcast, extra_representatives=c.extra_representatives,
+                       prefix_broadcast=c.prefix_broadcast)
+
+    def _plain_copy(self, state: Dict[str, torch.Tensor], lora: bool = False) -> nn.Module:
+        """An unsharded converted model holding ``state`` (gathered from a sharded one); ``lora``: ``state`` is the
+        PEFT model's, whose adapters are merged."""
+        c = self.config
+        model = self._converted_copy()
+        if lora:
+            model = apply_lora(model, self.targets, self.loaded.head_names, c.lora_rank, c.lora_alpha, c.lora_dropout)
+        model.load_state_dict(state, strict=True)
+        if lora:
+            model = model.merge_and_unload()
+        return model.to(self.accelerator.device)
 
     def _open_output(self) -> None:
         """Under the lock: pick the checkpoint to resume from and prepare ``out`` (the first writes)."""
@@ -763,7 +819,8 @@ class _Run:
     # ---- stages
     def _setup_align(self):
         c = self.config
-        aligner = AttentionAligner(self.student, self.original, c.align_trainable)
+        # under FSDP the teacher stays outside the sharded module: a plain frozen copy on every process
+        aligner = AttentionAligner(self.student, self.original, c.align_trainable, teacher_as_submodule=not self.fsdp)
         self.student.requires_grad_(False)
         for p in aligner.parameters_to_train():
             p.requires_grad_(True)
@@ -771,8 +828,13 @@ class _Run:
         optimizer = torch.optim.AdamW(aligner.param_groups(c.align_lr, plr), weight_decay=0.0)
 
         def loss_fn(module, batch):
-            return module(batch[0])[0]
+            # autocast: under FSDP mixed precision the root casts the images to bf16/fp16 (no autocast of its own),
+            # and the frozen float32 teacher inside the aligner needs it to take them
+            with self.accelerator.autocast():
+                return module(batch[0])[0]
 
+        if self.fsdp:  # the student's own top-level parameters are in the aligner's root unit: evaluate through it
+            return aligner, optimizer, loss_fn, lambda m: _ThroughAligner(m, self.loaded.kind)
         return aligner, optimizer, loss_fn, lambda m: self.unwrap(m).student
 
     def _setup_finetune(self):
@@ -794,7 +856,7 @@ class _Run:
         def loss_fn(module, batch):
             x, y = batch[0], batch[1]
             logits = logits_of(module, x, kind)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits.float(), y)  # (bf16 logits under FSDP mixed precision)
             if w > 0:
                 with torch.no_grad(), self.accelerator.autocast():
                     target = logits_of(self.original, x, kind)
@@ -816,9 +878,18 @@ class _Run:
         offset = sum(self.stage_steps[s] for s in self.stages[: self.stages.index(stage)])
         module, optimizer, loss_fn, eval_model = getattr(self, f"_setup_{stage}")()
         scheduler = LambdaLR(optimizer, warmup_cosine(steps, c.warmup_ratio))
+        if self.fsdp:
+            set_wrap_policy(acc.state.fsdp_plugin, module, self.fsdp_extra_units)
         module, optimizer, loader, scheduler = acc.prepare(module, optimizer, self._loader(train=True), scheduler)
+        if self.fsdp:
+            acc.print(f"FSDP2 units ({stage}): {describe_units(self.unwrap(module))}; {acc.num_processes} shards each")
         step = 0
         if self.resume is not None and self.resume[1]["stage"] == stage:
+            sharded = bool(self.resume[1].get("sharded", False))
+            if sharded != self.fsdp:
+                raise UsageError(f"cannot resume from {self.resume[0]}: it was written {'with' if sharded else 'without'}"
+                                 f" FSDP and this launch runs {'with' if self.fsdp else 'without'} it; relaunch with "
+                                 "the accelerate configuration of the run that wrote it")
             try:
                 acc.load_state(str(self.resume[0]))
             except Exception as e:  # damage the checks before resuming could not see
@@ -881,7 +952,7 @@ class _Run:
                         self.save_checkpoint(dict(stage=stage, stage_step=step, stage_steps=steps, global_step=gstep,
                                                   epoch=divmod(step, steps_per_epoch)[0],
                                                   step_in_epoch=divmod(step, steps_per_epoch)[1],
-                                                  num_processes=acc.num_processes))
+                                                  num_processes=acc.num_processes, sharded=self.fsdp))
                 if gstep == c.stop_after_step:
                     acc.print(f"--stop-after-step {c.stop_after_step}: exiting abruptly")
                     _hard_exit(STOP_EXIT_CODE)
@@ -893,9 +964,15 @@ class _Run:
             acc.print(f"{stage}: {t['steps']} steps in {t['train_s']:.1f} s of training ({t['s_per_step']:.3f} s/step); "
                       f"{t['evals']} evaluation(s) {t['eval_s']:.1f} s, {t['checkpoints']} checkpoint(s) "
                       f"{t['checkpoint_s']:.1f} s apart")
-        trained = eval_model(module)
+        if self.fsdp:  # gathered into a plain copy: the next stage, the merge, the final evaluation and save use it
+            lora = stage == "finetune" and c.lora_rank > 0
+            trained = self._plain_copy(full_state_dict(self.unwrap(module), "student." if stage == "align" else ""), lora)
+        else:
+            trained = eval_model(module)
         if stage == "align":
             self.unwrap(module).remove()
+            if self.fsdp:
+                self.student = trained
         return trained
 
     def save_checkpoint(self, progress: dict) -> None:
@@ -920,17 +997,14 @@ class _Run:
 
     def save_final(self, model: nn.Module) -> str:
         """``out/final``: a :func:`vit2cbsa.save_pretrained` folder (``vit2cbsa.from_pretrained`` and
-        ``vit2cbsa push`` take it as it is), or, under FSDP or for an architecture that cannot be
-        rebuilt from its recorded constructor arguments, Accelerate's plain safetensors weights."""
-        from accelerate.utils import DistributedType
-
+        ``vit2cbsa push`` take it as it is), or, for an architecture that cannot be rebuilt from its recorded
+        constructor arguments, Accelerate's plain safetensors weights. ``model`` is never sharded here (under
+        FSDP it is the gathered copy)."""
         from ..hub import save_pretrained
 
         acc, final = self.accelerator, self.out / "final"
         fmt = "vit2cbsa"
-        if acc.distributed_type == DistributedType.FSDP:
-            fmt = "safetensors"
-        elif acc.is_main_process:
+        if acc.is_main_process:
             if final.exists():  # left by a launch killed while saving: ours to replace
                 shutil.rmtree(final)
             try:
@@ -974,8 +1048,8 @@ class _Run:
             if STAGES.index(stage) < resumed_stage:
                 continue  # finished before the checkpoint we resume from
             model = self.train_stage(stage)
-        if "finetune" in self.stages and c.lora_rank > 0:
-            model = model.merge_and_unload()
+        if "finetune" in self.stages and c.lora_rank > 0 and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()  # (under FSDP merged already, on the gathered copy)
         t_final = time.perf_counter()
         original_acc = self.evaluate(self.original, desc="final eval, original")
         converted_acc = self.evaluate(model, desc="final eval, converted")
@@ -1002,6 +1076,23 @@ class _Run:
         acc.print(f"original accuracy {original_acc:.4f}, converted accuracy {converted_acc:.4f} "
                   f"({final_eval['eval_images']} images) -> {self.out / 'final.json'}")
         return result
+
+
+class _ThroughAligner(nn.Module):
+    """The student of an FSDP-sharded :class:`AttentionAligner`, called through the aligner (the root unit, whose
+    forward gathers the student's top-level parameters); for :meth:`_Run.evaluate`."""
+
+    def __init__(self, aligner: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.aligner, self.kind = aligner, kind
+
+    def forward(self, x: Optional[torch.Tensor] = None, pixel_values: Optional[torch.Tensor] = None):
+        logits = self.aligner(x if x is not None else pixel_values, predict=True)
+        if self.kind == "hf":
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=logits)
+        return logits
 
 
 def run(config: FinetuneConfig) -> dict:
