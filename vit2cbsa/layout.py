@@ -121,10 +121,14 @@ class TokenLayout:
 
     def __init__(self, grid: Optional[Tuple[int, int]] = None) -> None:
         self.grid = grid
+        #: prefix tokens of the model, learnt from the first sequence split: a later sequence with another count
+        #: means the grid was not recorded for it (a patch embedding replaced after conversion)
+        self.num_prefix: Optional[int] = None
 
     def use_grid(self, grid: Tuple[int, int]) -> "TokenLayout":
         """Set the patch grid explicitly (for running converted blocks without the model)."""
         self.grid = (int(grid[0]), int(grid[1]))
+        self.num_prefix = None
         return self
 
     def record(self, feature_map: torch.Tensor) -> None:
@@ -151,6 +155,15 @@ class TokenLayout:
         if isinstance(prefix, int):
             if prefix < 0:
                 raise ValueError(_merged_tokens_message(num_tokens, h, w))
+            if self.num_prefix is None:
+                self.num_prefix = prefix
+            elif prefix != self.num_prefix:
+                raise ValueError(
+                    f"vit2cbsa: attention received {num_tokens} tokens, {prefix} more than the {h}x{w} patch grid "
+                    f"last recorded, but this model has {self.num_prefix} prefix tokens: the patch grid of this input "
+                    "was not recorded. Was the patch embedding replaced after conversion (e.g. timm "
+                    "set_input_size(patch_size=...))? Change the patch size before converting."
+                )
         elif isinstance(prefix, torch.SymInt):  # torch.export: a runtime assertion where it is not decided
             torch._check(prefix >= 0, lambda: _merged_tokens_message(num_tokens, h, w))
         else:  # torch.fx: an assertion node of the traced graph
@@ -160,10 +173,11 @@ class TokenLayout:
 
     def __getstate__(self) -> dict:
         grid = self.grid
-        return {"grid": grid if grid is not None and is_concrete(*grid) else None}
+        return {"grid": grid if grid is not None and is_concrete(*grid) else None, "num_prefix": self.num_prefix}
 
     def __setstate__(self, state: dict) -> None:
         self.grid = state.get("grid")
+        self.num_prefix = state.get("num_prefix")
 
     def __repr__(self) -> str:
         return f"TokenLayout(grid={self.grid})"
