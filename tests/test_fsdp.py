@@ -316,17 +316,35 @@ def test_fsdp_lora_matches_ddp(assets, tmp_path):
     assert vit2cbsa.conversion_info(vit2cbsa.from_pretrained(fsdp / "final")).variant == "cbsa"
 
 
-def test_fsdp_bf16_runs_end_to_end(assets, tmp_path):
+def test_fsdp_bf16_transformers_lora_runs_end_to_end(assets, tmp_path):
+    """A transformers ViT, bf16 (parameters all-gathered in bf16, gradients reduced in float32), alignment + LoRA."""
     import vit2cbsa
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
+    model_dir = tmp_path / "hf_vit"
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, image_size=32, patch_size=8,
+                                        num_labels=4)).save_pretrained(model_dir)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(model_dir)
     out = tmp_path / "bf16"
-    proc = _ok(_launch(assets, out, "--align-steps", "1", "--finetune-steps", "2", fsdp=True, mixed="bf16"))
-    assert "mixed precision bf16" in proc.stdout
+    args = _args(assets, out, "--align-steps", "1", "--finetune-steps", "2", "--lora-rank", "2", "--distill-weight",
+                 "0.5")
+    i = args.index("--checkpoint")
+    del args[i:i + 2]
+    args[args.index("--model") + 1] = f"hf:{model_dir}"
+    i = args.index("--model-kwargs")
+    del args[i:i + 2]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), "--mixed_precision",
+           "bf16", "--main_process_port", str(_free_port()), str(SCRIPT), *args]
+    proc = _ok(subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240))
+    assert "mixed precision bf16" in proc.stdout and "2 ViTLayer" in proc.stdout and "2 HFConvertedAttention" in proc.stdout
     final = json.loads((out / "final.json").read_text())
-    assert final["mixed_precision"] == "bf16"
+    assert final["mixed_precision"] == "bf16" and final["final_format"] == "vit2cbsa"
     assert all(np.isfinite(loss) for _, _, loss in _losses(out))
     weights = _weights(out)
     assert {t.dtype for t in weights.values()} == {torch.float32}  # the float32 master weights
+    assert not any("lora" in k for k in weights)
     assert next(vit2cbsa.from_pretrained(out / "final").parameters()).dtype == torch.float32
 
 
