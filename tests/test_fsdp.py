@@ -16,7 +16,6 @@ and several nodes (benchmarks/device_check.py covers the single-GPU kernels).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vit2cbsa.attention import build_mixer
 from vit2cbsa.layout import TokenLayout
