@@ -18,8 +18,8 @@ rounded to ``dtype`` but carried out in float32, its output and gradients rounde
 implementation in ``dtype`` can avoid. Each relative error (Frobenius norm, against float64) must be at most
 ``max(R x floor, A x eps(dtype))``: outputs ``R = 3, A = 4``; gradients of q, k, v ``R = 6, A = 4``; gradients of
 the added parameters (per-head sums over the whole batch) ``R = 8, A = 12``. Where the computation in ``dtype`` itself adds error (``XFAIL`` below), the cases are
-marked ``xfail(strict=True)``: they pass once the mixers compute in float32 under bf16/fp16 (the change proposed
-with them); ``python tests/test_mixed_precision.py`` prints the whole table.
+marked ``xfail(strict=True)`` (none today: the mixers compute in float32 under bf16/fp16, which brought every case
+within it); ``python tests/test_mixed_precision.py`` prints the whole table.
 
 Also: whole converted models under autocast and cast (finite, logits and gradients as close to float64 as the
 original model's), ``save_pretrained`` / ``from_pretrained`` keep each dtype, and ``--mixed-precision bf16`` and
@@ -130,23 +130,12 @@ def measure(name: str, case: str, dtype_name: str, mode: str) -> dict:
                 over=sorted(n for n in names if err[n] > tol[n]))
 
 
-# measured 2026-12-01 (torch 2.14 CPU): the cases whose error exceeds R x floor, and why
-XFAIL = {
-    # linear attention in fp16: q's gradient 13-19x the floor (sums over the d x d state in float16)
-    ("linear", "normal", "fp16"): "linear-attention gradients summed in float16",
-    # linear attention in fp16: phi(K)^T V and sum_j phi(k_j) over 4097 tokens (or of large features) overflow
-    # float16's 65504: the denominator is inf and the output 0
-    ("linear", "large_logits", "fp16"): "phi(K)^T V / sum phi(k) overflow float16",
-    ("linear", "tokens_4097", "fp16"): "phi(K)^T V / sum phi(k) overflow float16",
-    # collapsed representatives: the softmax gradients (S * (dS - rowsum(dS * S)), nearly uniform rows) cancel in
-    # bf16/fp16 -- dq 40-60x (linear: 230x) the floor; float32 compute gives the floor
-    **{(v, "collapsed", d): "softmax-gradient cancellation in low precision"
-       for v in ("cbsa/query", "cbsa/key", "contraction_free/query", "linear") for d in ("bf16", "fp16")},
-    ("cbsa/transpose", "collapsed", "bf16"): "softmax-gradient cancellation in low precision",
-    # near one-hot softmaxes: the temperature gradients (sums of products rounded to bf16) 10x the floor
-    ("cbsa/query", "large_logits", "bf16"): "temperature gradient summed in bf16",
-    ("contraction_free/query", "large_logits", "bf16"): "temperature gradient summed in bf16",
-}
+# Cases whose error exceeded R x floor while the mixers computed in bf16/fp16 (measured 2026-12-01, torch 2.14 CPU):
+# linear in fp16 (gradients summed in float16 13-19x the floor; phi(K)^T V and sum phi(k) overflowing at 4097 tokens),
+# collapsed representatives in every softmax variant (softmax-gradient cancellation, dq 40-60x the floor), bf16
+# temperature gradients on near one-hot softmaxes (10x). The mixers now compute in float32 for half inputs
+# (vit2cbsa.attention.cbsa_explicit.compute_dtype), and all of them are within the tolerance: none is expected to fail.
+XFAIL: dict = {}
 
 
 def _params():
@@ -229,9 +218,7 @@ def _model_params():
     for variant in VARIANTS:
         for dt in DTYPES:
             for mode in MODES:
-                marks = [pytest.mark.xfail(strict=True, reason="needs float32 compute in LinearMixer: its input "
-                                           "gradient in fp16 is 15x the original model's")] \
-                    if (variant, dt) == ("linear", "fp16") else []
+                marks = []
                 out.append(pytest.param(variant, dt, mode, marks=marks, id=f"{variant}-{dt}-{mode}"))
     return out
 
@@ -249,8 +236,6 @@ def test_whole_models_as_close_as_the_original(variant, dt, mode):
     assert e_grad <= max(5 * base_grad, 2 * eps), (e_grad, base_grad)
 
 
-@pytest.mark.xfail(strict=True, reason="linear attention overflows float16 at 4097 tokens: needs float32 compute "
-                                       "(or phi(K)^T V and sum phi(k) divided by N) in LinearMixer")
 def test_linear_model_cast_to_fp16_at_4097_tokens():
     """1 + 64 x 64 tokens, one block: the converted model's logits as close as the original's."""
     def errors(variant):

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, is_tracing
-from .cbsa_explicit import ExplicitCBSA, Geometry, flat_heads, forward_steps
+from .cbsa_explicit import ExplicitCBSA, Geometry, _without_autocast, compute_dtype, flat_heads, forward_steps
 
 BROADCASTS = ("key", "query", "transpose")
 PREFIX_BROADCASTS = ("own", "all")
@@ -126,7 +126,7 @@ class CBSAMixer(nn.Module):
 
     def step_sizes(self, dtype: torch.dtype):
         """``(t0, t1, gamma, kappa)``: scaled temperatures and steps, one number per head each."""
-        t = self.log_temperature.exp().to(dtype) * self.scale
+        t = self.log_temperature.to(dtype).exp() * self.scale
         gamma = self.gamma.to(dtype) if self.contraction else None
         return t[0], t[1], gamma, self.kappa.to(dtype)
 
@@ -136,12 +136,14 @@ class CBSAMixer(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         geo = self.geometry(q.shape[-2], layout)
-        args = self.step_sizes(q.dtype)
+        work = compute_dtype(q.dtype)  # float32 for float16 / bfloat16 inputs (cbsa_explicit.LOW_PRECISION)
+        args = self.step_sizes(work)
         if is_tracing(q):  # torch.fx / torch.export: the forward steps, which autograd differentiates if asked
-            return forward_steps(q, k, v, *args, geo).out
+            return forward_steps(q.to(work), k.to(work), v.to(work), *args, geo).out.to(q.dtype)
         stores_graph = torch.is_grad_enabled() and (q.requires_grad or self.kappa.requires_grad)
         if stores_graph and self.broadcast != "transpose":
             return ExplicitCBSA.apply(flat_heads(q), flat_heads(k), flat_heads(v), *args, geo, self.recompute)
         # inference (or any graph autograd records here: the transpose broadcast, which needs A itself);
         # strided heads as they come (measured faster for inference at batch 8 than flattening them first)
-        return forward_steps(q, k, v, *args, geo).out
+        with _without_autocast(q.device.type):
+            return forward_steps(q.to(work), k.to(work), v.to(work), *args, geo).out.to(q.dtype)

@@ -131,6 +131,21 @@ def forward_steps(q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Ge
     return Steps(p, pe, a, vr, kr, g, cc, c, ks, bm)
 
 
+#: input dtypes the mixers compute in float32 (results come back in the input's dtype): their m x N softmaxes,
+#: softmax gradients and per-head sums lose up to 60x the accuracy of the inputs' rounding in these
+#: (tests/test_mixed_precision.py)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the mixers compute in for inputs of ``dtype``: float32 for float16 / bfloat16."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def _up(*tensors):
+    return tuple(None if t is None else t.to(compute_dtype(t.dtype)) for t in tensors)
+
+
 def _without_autocast(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -155,10 +170,10 @@ class ExplicitCBSA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, t0, t1, gamma: Optional[torch.Tensor], kappa, geo: Geometry, recompute: bool):
         ctx.geometry = geo
-        # in q's dtype throughout, as the backward (which runs outside autocast) recomputes them
+        # in float32 for half inputs (q, k, v are kept as they came), outside autocast, as the backward recomputes them
         with _without_autocast(q.device.type):
-            steps = forward_steps(q, k, v, t0, t1, gamma, kappa, geo)
-            out = steps.out
+            steps = forward_steps(*_up(q, k, v, t0, t1, gamma, kappa), geo)
+            out = steps.out.to(q.dtype)
         ctx.save_for_backward(q, k, v, t0, t1, gamma, kappa, *(() if recompute else steps))
         return out
 
@@ -166,6 +181,8 @@ class ExplicitCBSA(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout):
         q, k, v, t0, t1, gamma, kappa, *steps = ctx.saved_tensors
+        dtypes = [None if t is None else t.dtype for t in (q, k, v, t0, t1, gamma, kappa)]
+        q, k, v, t0, t1, gamma, kappa = _up(q, k, v, t0, t1, gamma, kappa)
         geo = ctx.geometry
         broadcast = geo.broadcast
         if not steps:
@@ -178,7 +195,7 @@ class ExplicitCBSA(torch.autograd.Function):
         def head_sum(x):  # B x H x rows x cols -> per-head total, H
             return x.sum(dim=(0, 2, 3))
 
-        dout = flat_heads(dout)
+        dout = flat_heads(dout.to(q.dtype))
         dc = bm.transpose(-2, -1) @ dout
         dsb = _softmax_grad(dout @ c.transpose(-2, -1), bm)
         del bm
@@ -217,4 +234,5 @@ class ExplicitCBSA(torch.autograd.Function):
         if broadcast != "key":
             dp = dp + dkb
         representatives_adjoint_(dq, dp, geo.prefix, geo.h, geo.w, geo.rep_grid, geo.extra)
-        return dq, dk, dv, dt0, dt1, dgamma, dkappa, None, None
+        grads = (dq, dk, dv, dt0, dt1, dgamma, dkappa)
+        return (*(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes)), None, None)

@@ -45,6 +45,9 @@ class LinearMixer(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[TokenLayout] = None
     ) -> torch.Tensor:
+        if q.dtype in (torch.float16, torch.bfloat16):  # sums over every token: float16 overflows at a few thousand
+            with torch.autocast(q.device.type, enabled=False):
+                return self.forward(q.float(), k.float(), v.float(), layout).to(q.dtype)
         fq, fk = self.phi(q), self.phi(k)
         kv = fk.transpose(-2, -1) @ v  # B H d d
         z = fk.sum(dim=-2, keepdim=True)  # B H 1 d
