@@ -10,8 +10,9 @@ Traced, the grid is data of the traced program, never a constant of the trace. I
 execution (and under ``torch.compile``) a forward hook (:class:`GridRecorder`) records Python
 ints. Under ``torch.export`` the hook runs too and keeps the sizes symbolic (``SymInt``): the
 exported program computes ``h, w`` from its input's shape. Under ``torch.fx`` symbolic tracing
-hooks do not run, so the convolution itself (its class swapped to :class:`GridConv2d`, same
-parameters and names) records its output's shape as graph values (``Proxy``). Every size that
+a ``torch.nn`` convolution is a leaf whose hooks never run, so the convolution's class is swapped
+to :class:`GridConv2d` (no leaf; same parameters, names and computation), which records the grid
+as graph values (``Proxy``) computed from its input's shape. Every size that
 is not a Python int takes a branch-free path (:func:`is_concrete`): no Python ``if`` on it, the
 clamp to the patch grid as ``sym_min``, pooling as two separable window matrices built from the
 sizes (:func:`pool_patches`), and the prefix tokens always concatenated, even when there are none.
