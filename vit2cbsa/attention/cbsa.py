@@ -51,10 +51,14 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.fx
 from torch import nn
 
 from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, is_tracing
 from .cbsa_explicit import ExplicitCBSA, Geometry, _without_autocast, compute_dtype, flat_heads, forward_steps
+
+# under torch.fx, q.dtype is a graph value: compute_dtype becomes a node of the graph, not a Python branch
+torch.fx.wrap("compute_dtype")
 
 BROADCASTS = ("key", "query", "transpose")
 PREFIX_BROADCASTS = ("own", "all")

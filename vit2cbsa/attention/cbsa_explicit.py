@@ -139,7 +139,9 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the mixers compute in for inputs of ``dtype``: float32 for float16 / bfloat16."""
-    return torch.float32 if dtype in LOW_PRECISION else dtype
+    if dtype == torch.float16 or dtype == torch.bfloat16:  # LOW_PRECISION, written out for TorchScript (a scripted
+        return torch.float32  # fx graph compiles this function)
+    return dtype
 
 
 def _up(*tensors):

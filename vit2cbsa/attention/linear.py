@@ -17,10 +17,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..layout import TokenLayout
+from .cbsa_explicit import compute_dtype
+
+# under torch.fx, q.dtype is a graph value: compute_dtype becomes a node of the graph, not a Python branch
+torch.fx.wrap("compute_dtype")
 
 
 class LinearMixer(nn.Module):
@@ -45,9 +50,15 @@ class LinearMixer(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[TokenLayout] = None
     ) -> torch.Tensor:
+        if isinstance(q, torch.fx.Proxy):  # fx: the same float32 compute for half inputs, decided when the graph runs
+            work = compute_dtype(q.dtype)
+            return self._mix(q.to(work), k.to(work), v.to(work)).to(q.dtype)
         if q.dtype in (torch.float16, torch.bfloat16):  # sums over every token: float16 overflows at a few thousand
             with torch.autocast(q.device.type, enabled=False):
-                return self.forward(q.float(), k.float(), v.float(), layout).to(q.dtype)
+                return self._mix(q.float(), k.float(), v.float()).to(q.dtype)
+        return self._mix(q, k, v)
+
+    def _mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         fq, fk = self.phi(q), self.phi(k)
         kv = fk.transpose(-2, -1) @ v  # B H d d
         z = fk.sum(dim=-2, keepdim=True)  # B H 1 d
