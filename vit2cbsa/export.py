@@ -10,7 +10,7 @@ a timm model's output (logits, or features with ``num_classes=0``); a transforme
 (classifiers) or ``last_hidden_state``. The batch size is always dynamic; height and width are dynamic
 where the exported graph can keep them (:func:`exports_other_sizes`: timm models built with
 ``dynamic_img_size=True``; transformers' position interpolation fixes the traced size), as multiples of the patch size
-(``H = p_h * h``, ``W = p_w * w`` with ``1 <= h, w <= max_patches``). ONNX export needs the optional
+(``H = p_h * h``, ``W = p_w * w`` with ``2 <= h, w <= max_patches``). ONNX export needs the optional
 ``onnx``, ``onnxscript`` and ``onnxruntime`` packages (``pip install "vit2cbsa[export]"``).
 """
 
@@ -95,8 +95,8 @@ def dynamic_shapes(model: nn.Module, dynamic_size: bool, max_patches: int = 256)
     if dynamic_size:
         _, conv = find_patch_embedding(uncompiled(model))
         ph, pw = conv.stride
-        spec[2] = ph * Dim("h_patches", min=1, max=max_patches)
-        spec[3] = pw * Dim("w_patches", min=1, max=max_patches)
+        spec[2] = ph * Dim("h_patches", min=2, max=max_patches)  # a 1-patch axis: the original rejects it too
+        spec[3] = pw * Dim("w_patches", min=2, max=max_patches)
     return {"images": spec}
 
 
