@@ -75,7 +75,7 @@ def test_inplace_false_leaves_original_untouched():
     (dict(broadcast="nope"), ValueError, "unknown broadcast"),
     (dict(extra_representatives="cls"), ValueError, r"unknown extra_representatives 'cls'; choose one of \['prefix', 'global', 'none'\]"),
     (dict(prefix_broadcast="self"), ValueError, r"unknown prefix_broadcast 'self'; choose one of \['own', 'all'\]"),
-    (dict(layers=[7]), ValueError, "out of range"),
+    (dict(layers=[7]), ValueError, "does not exist"),
     (dict(layers=["0"]), TypeError, "integer block indices"),
     (dict(layers=lambda i, n, m: False), ValueError, "selects none"),
 ])

@@ -469,7 +469,7 @@ CORRUPTIONS = {
     "unknown_extra": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(extra_representatives="all")),
                       r"unknown extra_representatives 'all'"),
     "layers_out_of_range": (lambda f: _forge(f, lambda c: c["conversion"].update(converted_layers=[5])),
-                            r"does not apply .*layer index 5 is out of range"),
+                            r"does not apply .*layer 5 does not exist"),
     "edited_broadcast": (lambda f: _rewrite_config(f, lambda c: c["conversion"].update(broadcast="key")),
                          r"does not match the weights it was saved with \(conversion\.broadcast is \"key\" in the "
                          r"config but \"query\" in the weights\); it was edited after saving"),

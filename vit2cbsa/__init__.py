@@ -4,10 +4,10 @@
     model = vit2cbsa.convert(timm.create_model("vit_base_patch16_224", pretrained=True))
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .attention import CBSA, VARIANTS  # noqa: E402
 from .convert import ConversionInfo, conversion_info, convert, is_converted, layout_of, new_parameters  # noqa: E402
+from .errors import Vit2CBSAError
 from .hub import CheckpointError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .hf_auto import register as _register_with_transformers  # noqa: E402
 
@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointError",
     "ConversionInfo",
     "VARIANTS",
+    "Vit2CBSAError",
     "__version__",
     "conversion_info",
     "convert",

@@ -31,10 +31,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from . import __version__, specs
+from . import specs
+from ._version import __version__
+from .errors import UsageError, one_line
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
 from .layout import EXTRA_REPRESENTATIVES
-from .loading import TEACHER, LoadError, Source, load, resolve
+from .loading import TEACHER, Source, load, resolve
 
 DESCRIPTION = """\
 Convert pretrained Vision Transformers (timm or Hugging Face transformers) from softmax
@@ -71,10 +73,6 @@ environment:
 exit status: 0 on success, 1 on error (one line on stderr), 2 on a usage error.
 Python API: vit2cbsa.convert, vit2cbsa.save_pretrained, vit2cbsa.from_pretrained, vit2cbsa.push_to_hub.
 """
-
-
-class CLIError(Exception):
-    """An error reported to the user as one line."""
 
 
 def _warn(text: str) -> None:
@@ -142,14 +140,6 @@ def build_for_inspect(source: Source, resolution: Optional[Tuple[int, int]]) -> 
 # --------------------------------------------------------------------------- commands
 
 
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    """An exception as one line; long messages from other libraries are cut at ``limit`` characters."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, (CLIError, LoadError)) or len(text) <= limit:
-        return text
-    return text[: limit - 3] + "..."
-
-
 def _conversion_options(args: argparse.Namespace) -> dict:
     return {"variant": args.variant or "cbsa",
             "num_representatives": args.representatives if args.representatives is not None else 64,
@@ -174,7 +164,7 @@ def _load_converted(args: argparse.Namespace) -> Tuple[Any, nn.Module]:
         saved = {k: v for k, v in info.options().items() if k in asked}
         clash = [f"{k}={asked[k]!r} (saved: {saved[k]!r})" for k in asked if asked[k] is not None and asked[k] != saved[k]]
         if clash or args.layers is not None:
-            raise CLIError(f"{args.model} is already converted; cannot change " + (", ".join(clash) or "layers")
+            raise UsageError(f"{args.model} is already converted; cannot change " + (", ".join(clash) or "layers")
                            + " -- convert the original model instead")
     else:
         convert(model, **_conversion_options(args))  # a RepresentativesWarning is printed by main()
@@ -201,7 +191,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     fmt = args.format or {".onnx": "onnx", ".pt2": "pt2"}.get(Path(args.out).suffix)
     if fmt is None:
-        raise CLIError(f"--out {args.out}: name the file .onnx or .pt2, or pass --format onnx|pt2")
+        raise UsageError(f"--out {args.out}: name the file .onnx or .pt2, or pass --format onnx|pt2")
     _, model = _load_converted(args)
     model.eval()
     dynamic = False if args.static_size else None
@@ -225,7 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 worst = max(worst, (loaded(images) - export.ImagesToTensor(model)(images)).abs().max().item())
         if not worst <= 1e-4:
-            raise CLIError(f"{args.out}: the exported program differs from eager by {worst:.3g}")
+            raise UsageError(f"{args.out}: the exported program differs from eager by {worst:.3g}")
         print(f"saved {args.out} (torch.export program); reloaded vs eager: max |diff| {worst:.2g}")
     else:
         print(f"saved {args.out} (torch.export program)")
@@ -296,7 +286,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir).expanduser()
     if not folder.is_dir():
-        raise CLIError(f"{args.dir} is not a folder (save one with `vit2cbsa convert ... --out DIR`)")
+        raise UsageError(f"{args.dir} is not a folder (save one with `vit2cbsa convert ... --out DIR`)")
     commit = push_to_hub(folder, args.repo_id, metrics=dict(args.metric) or None, dataset=args.dataset,
                          license=args.license, private=args.private or None, token=args.token,
                          revision=args.revision, commit_message=args.commit_message, create_pr=args.create_pr)
@@ -462,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         if args.traceback:
             raise
-        print(f"vit2cbsa: error: {_one_line(e, limit=1000)}", file=sys.stderr)
+        print(f"vit2cbsa: error: {one_line(e, limit=1000)}", file=sys.stderr)
         return 1
 
 

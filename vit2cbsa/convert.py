@@ -18,25 +18,22 @@ from __future__ import annotations
 
 import copy
 import logging
-import operator
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 from torch import nn
 
-from . import __version__, specs
+from ._version import __version__
+from .errors import UnsupportedModelError
 from .adapters import ADAPTERS, Adapter, ConvertedAttention, find_adapter
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS, build_mixer
 from .layout import EXTRA_REPRESENTATIVES, GridConv2d, GridLike, GridRecorder, TokenLayout, as_grid, effective_grid
+from .modeling import (LayerSelector, find_patch_embedding, peft_base_model, select_layers, uncompiled,
+                       unwrapped)
 
 logger = logging.getLogger("vit2cbsa")
 
-LayerSelector = Union[None, int, str, Sequence[int], slice, Callable[[int, str, nn.Module], bool]]
-
-#: what ``layers=`` accepts, for error messages
-LAYER_SELECTORS = ("None (all), an index, a sequence of indices, a slice such as slice(6, None), a string as on "
-                   "the command line ('all', '3', '0,1,2', '6:') or a predicate f(index, name, module)")
 
 
 class RepresentativesWarning(UserWarning):
@@ -136,102 +133,6 @@ class ConversionInfo:
         return "\n".join(rows)
 
 
-def _layers_text(layers: LayerSelector) -> str:
-    """``layers`` as the user would write it: ``slice(6, None)`` -> ``'6:'``."""
-    if isinstance(layers, slice):
-        text = f"{'' if layers.start is None else layers.start}:{'' if layers.stop is None else layers.stop}"
-        return repr(text + (f":{layers.step}" if layers.step is not None else ""))
-    if callable(layers) and not isinstance(layers, str):
-        return "<predicate>"
-    return repr(layers)
-
-
-def _as_index(value: object) -> Optional[int]:
-    """``value`` as a Python int if it is an integer (also numpy / 0-d torch integers), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _select(selector: LayerSelector, candidates: List[Tuple[str, nn.Module]]) -> List[int]:
-    n = len(candidates)
-    if isinstance(selector, str):  # the command-line syntax: "all", "3", "0,1,2", "6:"
-        try:
-            selector = specs.parse_layers(selector)
-        except ValueError:
-            raise ValueError(f"layers={selector!r} is not a layer spec; layers accepts {LAYER_SELECTORS}") from None
-    if selector is None:
-        return list(range(n))
-    if isinstance(selector, slice):
-        return list(range(n))[selector]
-    if callable(selector):
-        return [i for i, (name, mod) in enumerate(candidates) if selector(i, name, mod)]
-    index = _as_index(selector)
-    if index is not None:
-        indices = [index]
-    elif isinstance(selector, (list, tuple, range)) or (
-            hasattr(selector, "__iter__") and not isinstance(selector, (dict, bytes, bytearray))):
-        indices = list(selector)  # type: ignore[arg-type]
-    else:
-        raise TypeError(f"layers={selector!r} ({type(selector).__name__}) is not a layer selector; layers accepts "
-                        f"{LAYER_SELECTORS}")
-    out = []
-    for i in indices:
-        if _as_index(i) is None:
-            raise TypeError(f"layers must hold integer block indices, got {i!r}; layers accepts {LAYER_SELECTORS}")
-        i = _as_index(i)
-        if not -n <= i < n:
-            raise ValueError(f"layer index {i} is out of range: the model has {n} convertible attention layers (0..{n - 1})")
-        out.append(i % n)
-    return sorted(set(out))
-
-
-def _is_peft(module: nn.Module) -> bool:
-    return type(module).__module__.split(".")[0] == "peft"
-
-
-def _adapter_internals(model: nn.Module) -> List[str]:
-    """Name prefixes of the modules a PEFT layer adds next to the layer it wraps (``lora_A``, ``lora_B``, ...):
-    everything under a PEFT layer (one with a ``base_layer``) but its ``base_layer``."""
-    prefixes = []
-    for name, m in model.named_modules():
-        if _is_peft(m) and isinstance(getattr(m, "base_layer", None), nn.Module):
-            for child, _ in m.named_children():
-                if child != "base_layer":
-                    prefixes.append(f"{name}.{child}" if name else child)
-    return prefixes
-
-
-def find_patch_embedding(model: nn.Module) -> Tuple[str, nn.Conv2d]:
-    """The model's patchify convolution (``kernel_size == stride``), whose output grid is the patch grid.
-
-    Under PEFT (LoRA on the patch embedding), the wrapped convolution (``base_layer``) is the one found,
-    not the adapter's own ``lora_A`` convolution."""
-    internal = tuple(p + "." for p in _adapter_internals(model))
-    convs = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == tuple(m.stride) and max(m.stride) > 1
-        and not (name + ".").startswith(internal or ("\0",))
-    ]
-    if not convs:
-        raise ValueError(
-            "vit2cbsa: no patch embedding (a Conv2d with kernel_size == stride) was found, so converted layers "
-            "could not know the patch grid. Convert the whole vision model (e.g. the timm model, or the HF "
-            "ViTModel / CLIPVisionModel), not a sub-module."
-        )
-    if len(convs) > 1:
-        names = ", ".join(n for n, _ in convs)
-        raise ValueError(
-            f"vit2cbsa: found several patch embeddings ({names}); convert the vision tower on its own "
-            "(e.g. `model.vision_model`)."
-        )
-    return convs[0]
-
-
 def _unsupported_attention_names(model: nn.Module) -> List[str]:
     return sorted({type(m).__name__ for m in model.modules() if "attention" in type(m).__name__.lower()})
 
@@ -265,33 +166,6 @@ def _native_patch_grid(model: nn.Module, patch: nn.Conv2d) -> Optional[Tuple[int
     h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
     sh, sw = patch.stride
     return int(h) // sh, int(w) // sw
-
-
-def peft_base_model(model: nn.Module) -> nn.Module:
-    """The model a PEFT wrapper wraps (``PeftModel.get_base_model()``; a tuner such as ``LoraModel``: its
-    ``.model``), or ``model`` itself when it is not a PEFT wrapper. LoRA layers live inside that model, so it is
-    what :func:`convert` converts and where it keeps the conversion info (``merge_and_unload()`` returns it)."""
-    if not _is_peft(model) or hasattr(model, "base_layer"):
-        return model
-    get = getattr(model, "get_base_model", None)
-    inner = get() if callable(get) else getattr(model, "model", None)
-    return inner if isinstance(inner, nn.Module) and inner is not model else model
-
-
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """``model`` without its ``torch.compile`` and PEFT wrappers: the module that holds the conversion."""
-    while True:
-        inner = peft_base_model(uncompiled(model))
-        if inner is model:
-            return model
-        model = inner
-
-
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module under ``torch.compile``'s wrapper (``OptimizedModule``, which shares its parameters and
-    submodules), or ``model`` itself when it is not compiled."""
-    inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
-    return inner if isinstance(inner, nn.Module) else model
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -407,17 +281,14 @@ def convert(
             candidates.append((name, module, adapter))
     if not candidates:
         found = _unsupported_attention_names(model)
-        raise TypeError(
+        raise UnsupportedModelError(
             f"vit2cbsa: {type(model).__name__} has no supported self-attention module"
             + (f" (found: {', '.join(found)})" if found else "")
             + f". Supported families: {', '.join(a.name for a in ADAPTERS)} -- timm VisionTransformer "
             "(timm.layers.Attention) and Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision towers. "
             "Register an adapter with vit2cbsa.adapters.register_adapter for another family."
         )
-    selected = _select(layers, [(n, m) for n, m, _ in candidates])
-    if not selected:
-        raise ValueError(f"layers={_layers_text(layers)} selects none of the {len(candidates)} attention layers "
-                         f"(indices 0..{len(candidates) - 1})")
+    selected = select_layers(layers, [(n, m) for n, m, _ in candidates])
     _check_no_cnn_stem(model)
     patch_name, patch_conv = find_patch_embedding(model)
     patch_grid = _native_patch_grid(model, patch_conv)
@@ -497,12 +368,12 @@ def conversion_info(model: nn.Module) -> Optional[ConversionInfo]:
     """The :class:`ConversionInfo` of a converted model, or ``None``; found through ``torch.compile`` and PEFT
     wrappers (it is kept on the model they wrap, which ``merge_and_unload()`` returns)."""
     info = getattr(model, _INFO_ATTR, None)
-    return info if info is not None else getattr(_unwrapped(model), _INFO_ATTR, None)
+    return info if info is not None else getattr(unwrapped(model), _INFO_ATTR, None)
 
 
 def layout_of(model: nn.Module) -> TokenLayout:
     """The shared :class:`TokenLayout` of a converted model (to set the grid by hand)."""
-    layout = getattr(model, _LAYOUT_ATTR, None) or getattr(_unwrapped(model), _LAYOUT_ATTR, None)
+    layout = getattr(model, _LAYOUT_ATTR, None) or getattr(unwrapped(model), _LAYOUT_ATTR, None)
     if layout is None:
         raise ValueError("vit2cbsa: this model was not converted with vit2cbsa.convert")
     return layout

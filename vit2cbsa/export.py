@@ -24,18 +24,11 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .convert import find_patch_embedding, uncompiled
-from .errors import one_line
+from .errors import ExportError, one_line
+from .modeling import find_patch_embedding, input_size_of, uncompiled
+from .modeling import is_hf as _is_hf
 
 PathLike = Union[str, Path]
-
-
-class ExportError(ValueError):
-    """A model that cannot be exported as asked (or whose export does not match eager); the message says why."""
-
-
-def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and type(model).__module__.startswith("transformers.")
 
 
 def _hf_interpolates(model: nn.Module) -> bool:
@@ -71,7 +64,6 @@ class ImagesToTensor(nn.Module):
 
 def input_size(model: nn.Module) -> Tuple[int, int, int]:
     """``(channels, height, width)`` the model is built for."""
-    from .model_card import input_size_of
 
     return input_size_of(uncompiled(model))
 

@@ -43,9 +43,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
-from .convert import SAVED_DEFAULTS, ConversionInfo, conversion_info, convert, saved_options, uncompiled
+from .convert import SAVED_DEFAULTS, ConversionInfo, conversion_info, convert, saved_options
+from .modeling import is_hf as _is_hf
+from .modeling import uncompiled
 from .errors import CheckpointError
 from .errors import one_line as _one_line
 from .hf_auto import MODEL_TYPE as HF_MODEL_TYPE
@@ -206,10 +208,6 @@ def _import_class(path: str, allowed_prefix: str) -> type:
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         raise CheckpointError(f"{path!r} is not a torch.nn.Module class")
     return obj
-
-
-def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and type(model).__module__.startswith("transformers.")
 
 
 def _jsonable(value: Any, what: str) -> Any:

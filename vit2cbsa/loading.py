@@ -36,6 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from .errors import LoadError, one_line
+
 TEACHER = "cifar10-teacher"
 
 #: the source kinds :func:`resolve` returns
@@ -45,17 +47,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Size = Union[int, Tuple[int, int], Sequence[int]]
-
-
-class LoadError(ValueError):
-    """A MODEL that cannot be resolved or loaded; the message is one line saying what to do."""
-
-
-def _one_line(e: BaseException, limit: int = 240) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, LoadError) or len(text) <= limit:
-        return text
-    return text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- resolving
@@ -95,7 +86,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise LoadError(f"{path} cannot be read as JSON: {_one_line(e)}") from e
+        raise LoadError(f"{path} cannot be read as JSON: {one_line(e)}") from e
 
 
 def check_no_remote_code(folder: Union[str, Path], what: Optional[str] = None,
@@ -194,7 +185,7 @@ def resolve(model: Union[str, Path, Source]) -> Source:
         folder = Path(snapshot_download(model, allow_patterns=["config.json", "preprocessor_config.json",
                                                                "vit2cbsa_config.json"]))
     except Exception as e:
-        raise LoadError(f"cannot reach Hub repo {model!r} ({_one_line(e)}); pass a local folder instead") from e
+        raise LoadError(f"cannot reach Hub repo {model!r} ({one_line(e)}); pass a local folder instead") from e
     kind = _folder_kind(folder, f"Hub repo {model!r}")
     if forced_hf and kind != "transformers":
         raise LoadError(f"hf:{model} is not a transformers model repo (config.json with model_type)")
@@ -330,7 +321,7 @@ def _load_teacher(source: Source, pretrained: bool, size: Optional[Tuple[int, in
         try:
             model, config = load_cifar10_teacher(**kwargs)
         except FileNotFoundError as e:
-            raise LoadError(_one_line(e)) from e
+            raise LoadError(one_line(e)) from e
     else:
         if not cfg_path.is_file():
             raise LoadError(f"the embedded teacher's config is missing from {TEACHER_DIR}; train it with "
@@ -405,17 +396,17 @@ def _load_timm(source: Source, pretrained: bool, fallback: bool, size: Optional[
     except Exception as e:
         if not pretrained or checkpoint_path is not None:
             where = f" from {checkpoint_path}" if checkpoint_path else ""
-            raise LoadError(f"cannot build timm model {name!r}{where}: {_one_line(e)}") from e
+            raise LoadError(f"cannot build timm model {name!r}{where}: {one_line(e)}") from e
         if not fallback:
-            raise LoadError(f"cannot load the pretrained weights of timm model {name!r} ({_one_line(e)}); without "
+            raise LoadError(f"cannot load the pretrained weights of timm model {name!r} ({one_line(e)}); without "
                             "network access, pass a local path instead: a timm checkpoint folder, a transformers "
                             "model folder or a vit2cbsa folder") from e
-        warn(f"cannot load the pretrained weights of {name!r} ({_one_line(e, 160)}); using RANDOM weights "
+        warn(f"cannot load the pretrained weights of {name!r} ({one_line(e, 160)}); using RANDOM weights "
              "(pretrained=False) -- the model is untrained")
         try:
             model = timm.create_model(name, pretrained=False, **kwargs)
         except Exception as e2:
-            raise LoadError(f"cannot build timm model {name!r}: {_one_line(e2)}") from e2
+            raise LoadError(f"cannot build timm model {name!r}: {one_line(e2)}") from e2
         loaded_weights = False
     model.eval()
     base_model = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") if loaded_weights else None
@@ -451,7 +442,7 @@ def _load_transformers(source: Source, pretrained: bool, fallback: bool, kwargs:
     try:
         config = AutoConfig.from_pretrained(str(source.folder or location), trust_remote_code=False)
     except Exception as e:
-        raise LoadError(f"cannot read the config of transformers model {location!r}: {_one_line(e)}") from e
+        raise LoadError(f"cannot read the config of transformers model {location!r}: {one_line(e)}") from e
     cls = _hf_class(config, task)
     reset = num_classes is not None and config.num_labels != num_classes
     if reset:
@@ -465,8 +456,8 @@ def _load_transformers(source: Source, pretrained: bool, fallback: bool, kwargs:
             model = cls.from_pretrained(location, trust_remote_code=False, **kwargs)
         except Exception as e:
             if not fallback:
-                raise LoadError(f"cannot load transformers model {location!r}: {_one_line(e)}") from e
-            warn(f"cannot load the pretrained weights of {location!r} ({_one_line(e, 160)}); using RANDOM weights "
+                raise LoadError(f"cannot load transformers model {location!r}: {one_line(e)}") from e
+            warn(f"cannot load the pretrained weights of {location!r} ({one_line(e, 160)}); using RANDOM weights "
                  "(built from its config) -- the model is untrained")
     if model is None:
         for key in ("num_labels", "id2label", "label2id"):
@@ -478,7 +469,7 @@ def _load_transformers(source: Source, pretrained: bool, fallback: bool, kwargs:
             else:
                 model = cls._from_config(config)
         except Exception as e:
-            raise LoadError(f"cannot build transformers model {location!r} from its config: {_one_line(e)}") from e
+            raise LoadError(f"cannot build transformers model {location!r} from its config: {one_line(e)}") from e
         pretrained = False
     model.eval()
     processor = _image_processor(source.folder) if source.folder is not None else None
@@ -500,7 +491,7 @@ def _image_processor(folder: Optional[Path]) -> Any:
     try:
         return AutoImageProcessor.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as e:
-        raise LoadError(f"{Path(folder) / 'preprocessor_config.json'} cannot be loaded: {_one_line(e)}") from e
+        raise LoadError(f"{Path(folder) / 'preprocessor_config.json'} cannot be loaded: {one_line(e)}") from e
 
 
 # ---- input configuration and class names

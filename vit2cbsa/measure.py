@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .modeling import model_output
+
 
 def _sdpa_forward_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
     b, h, nq, d = q
@@ -127,10 +129,8 @@ def feature_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> float:
     """Top-1 accuracy of ``model`` (logits out) on preprocessed ``images``."""
-    from .train import call_model
-
     model.eval()
     correct = 0
     for i in range(0, len(images), batch_size):
-        correct += (call_model(model, images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum().item()
+        correct += (model_output(model, images[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum().item()
     return correct / len(images)

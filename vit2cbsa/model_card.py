@@ -9,7 +9,6 @@ ops such as softmax or normalisation.
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -18,8 +17,7 @@ from torch import nn
 
 from .adapters import ConvertedAttention, find_adapter
 from .measure import count_flops
-
-InputSize = Tuple[int, int, int]  # channels, height, width
+from .modeling import InputSize, PatchGridWatch, forward_pixels, input_size_of
 
 CBSA_CITATION = """@inproceedings{wen2025cbsa,
   title         = {Towards Interpretable and Efficient Attention: Compressing All by Contracting a Few},
@@ -29,40 +27,6 @@ CBSA_CITATION = """@inproceedings{wen2025cbsa,
   eprint        = {2509.16875},
   archivePrefix = {arXiv},
 }"""
-
-
-def _is_hf(model: nn.Module) -> bool:
-    return hasattr(model, "config") and type(model).__module__.startswith("transformers.")
-
-
-def input_size_of(model: nn.Module) -> InputSize:
-    """The ``(channels, height, width)`` a timm or transformers vision model is built for."""
-    if _is_hf(model):
-        cfg = getattr(model.config, "vision_config", None) or model.config
-        size = cfg.image_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return int(getattr(cfg, "num_channels", 3)), int(h), int(w)
-    patch = getattr(model, "patch_embed", None)
-    size = getattr(patch, "img_size", None)
-    if size is None:  # dynamic-size timm model: fall back to its data config
-        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-2:]
-    proj = getattr(patch, "proj", None)
-    chans = getattr(proj, "in_channels", None) or getattr(model, "in_chans", 3)
-    return int(chans), int(size[0]), int(size[1])
-
-
-def forward_pixels(model: nn.Module, pixels: torch.Tensor) -> Any:
-    """Call a timm (``model(x)``) or transformers (``model(pixel_values=x)``) vision model on images.
-
-    Transformers models that can interpolate their position embeddings do so when the image size
-    differs from the configured one.
-    """
-    if not _is_hf(model):
-        return model(pixels)
-    kwargs = {}
-    if tuple(pixels.shape[1:]) != input_size_of(model) and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
-        kwargs["interpolate_pos_encoding"] = True
-    return model(pixel_values=pixels, **kwargs)
 
 
 @dataclass
@@ -99,21 +63,14 @@ def _measure(model: nn.Module, input_size: InputSize) -> Tuple[int, int, Tuple[i
         x = args[0] if args else next(iter(kwargs.values()))
         seen.setdefault("tokens", int(x.shape[1]))
 
-    def on_patch(module, args, out):
-        if out.dim() == 4:
-            seen.setdefault("grid", (int(out.shape[-2]), int(out.shape[-1])))
-
-    from .convert import find_patch_embedding
-
-    handles = [attn.register_forward_pre_hook(on_attn, with_kwargs=True),
-               find_patch_embedding(model)[1].register_forward_hook(on_patch)]
+    handle = attn.register_forward_pre_hook(on_attn, with_kwargs=True)
     pixels = torch.zeros(1, *input_size, device=ref.device, dtype=ref.dtype)
     try:
-        flops = count_flops(forward_pixels, model, pixels)
+        with PatchGridWatch(model) as watch:
+            flops = count_flops(forward_pixels, model, pixels)
     finally:
-        for h in handles:
-            h.remove()
-    return flops, seen["tokens"], seen["grid"]
+        handle.remove()
+    return flops, seen["tokens"], tuple(int(v) for v in watch.grid)
 
 
 def compare_costs(base: nn.Module, converted: nn.Module, input_size: Optional[InputSize] = None) -> CostReport:

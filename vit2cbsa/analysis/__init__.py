@@ -12,7 +12,9 @@
 * :mod:`.cli` -- ``vit2cbsa explain MODEL IMAGE`` (:func:`explain_main`).
 """
 
-from .capture import AttentionCapture, LayerError, LayerRecord, attention_layers
+from ..errors import ImageError, LayerError
+from ..modeling import attention_layers
+from .capture import AttentionCapture, LayerRecord
 from .coding_rate import (
     coding_rate,
     compression_term,
@@ -21,7 +23,7 @@ from .coding_rate import (
     logdet_spd,
     representative_rate,
 )
-from .images import ImageError, InputConfig, input_config, load_image, preprocess
+from .images import InputConfig, input_config, load_image, preprocess
 from .maps import CBSAMaps, LayerMaps, attention_operator, cbsa_maps, explain, layer_maps, plot_explanation
 from .robustness import attention_projection_weights, perturbed, plot_robustness, robustness_curve
 from .synthetic import compress_synthetic, linear_cbsa_step, plot_synthetic, union_of_subspaces

@@ -18,49 +18,15 @@ so q/k norms and biases are applied exactly as the converted layer would).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..adapters import ConvertedAttention, find_adapter
 from ..layout import TokenLayout
-
-LayerSpec = Union[None, int, Sequence[int]]
-
-
-class LayerError(ValueError):
-    """A requested attention layer does not exist."""
-
-
-def attention_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Every attention layer of ``model`` (converted, or convertible by an adapter), in block order.
-
-    Indices into this list are the layer indices used by :func:`vit2cbsa.convert`.
-    """
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, ConvertedAttention) or find_adapter(m) is not None]
-
-
-def select_layers(num_layers: int, layers: LayerSpec) -> List[int]:
-    """Normalise ``None`` (all), an index or a sequence of indices (negative allowed) to sorted indices."""
-    if num_layers == 0:
-        raise LayerError("the model has no attention layer that vit2cbsa can read (timm ViT, HF ViT/DeiT/"
-                         "DINOv2/CLIP/SigLIP vision models)")
-    if layers is None:
-        return list(range(num_layers))
-    items = [layers] if isinstance(layers, int) else list(layers)
-    out = []
-    for i in items:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise LayerError(f"layer indices must be integers, got {i!r}")
-        if not -num_layers <= i < num_layers:
-            raise LayerError(f"layer {i} does not exist: the model has {num_layers} attention layers "
-                             f"(0..{num_layers - 1}, or -{num_layers}..-1 from the end)")
-        out.append(i % num_layers)
-    if not out:
-        raise LayerError("no layer selected")
-    return sorted(set(out))
+from ..modeling import LayerSelector as LayerSpec
+from ..modeling import PatchGridWatch, attention_layers, model_output, select_layers
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -134,24 +100,22 @@ class AttentionCapture:
     """
 
     def __init__(self, model: nn.Module, layers: LayerSpec = None) -> None:
-        from ..convert import find_patch_embedding
-
         self.model = model
         all_layers = attention_layers(model)
-        self.indices = select_layers(len(all_layers), layers)
+        self.indices = select_layers(layers, all_layers)
         self.num_layers = len(all_layers)
         self.records: List[LayerRecord] = []
         for i in self.indices:
             name, module = all_layers[i]
             self.records.append(LayerRecord(i, name, module, layer_kind(module), _num_heads(module)))
-        _, self._patch = find_patch_embedding(model)
-        self._grid: Optional[Tuple[int, int]] = None
+        self._watch = PatchGridWatch(model)
         self._handles: list = []
 
     # hooks -------------------------------------------------------------------------------
-    def _grid_hook(self, module, inputs, output) -> None:
-        if output.dim() == 4:
-            self._grid = (int(output.shape[-2]), int(output.shape[-1]))
+    @property
+    def _grid(self) -> Optional[Tuple[int, int]]:
+        grid = self._watch.grid
+        return None if grid is None else (int(grid[0]), int(grid[1]))
 
     def _input_hook(self, rec: LayerRecord):
         def hook(module, args, kwargs):
@@ -172,7 +136,7 @@ class AttentionCapture:
         return hook
 
     def __enter__(self) -> "AttentionCapture":
-        self._handles.append(self._patch.register_forward_hook(self._grid_hook))
+        self._watch.__enter__()
         for rec in self.records:
             self._handles.append(rec.module.register_forward_pre_hook(self._input_hook(rec), with_kwargs=True))
             if rec.converted:
@@ -184,6 +148,7 @@ class AttentionCapture:
         self.remove()
 
     def remove(self) -> None:
+        self._watch.__exit__()
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -191,6 +156,4 @@ class AttentionCapture:
     @torch.no_grad()
     def run(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Run the model on ``pixel_values`` (no gradients) and return its logits/features."""
-        from ..train import call_model
-
-        return call_model(self.model, pixel_values)
+        return model_output(self.model, pixel_values)

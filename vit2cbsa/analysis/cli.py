@@ -29,6 +29,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from ..cli import parse_grid, parse_layers
+from ..errors import UsageError
 from ..loading import TEACHER
 from .maps import mark_random_weights
 
@@ -52,10 +53,6 @@ examples:
 
 layers: all, one index (-1 = last, the default), a list (0,3) or a slice (6:)
 exit status: 0 on success, 1 on error (one line on stderr), 2 on a usage error."""
-
-class ExplainError(Exception):
-    """An error reported to the user as one line."""
-
 
 def _parse_grid(text: str) -> Any:
     """``vit2cbsa.cli.parse_grid`` (``"64"``, ``"8x8"``), and every side must be positive."""
@@ -104,7 +101,7 @@ def _split_variant(spec: str) -> Tuple[str, Optional[str]]:
     if sep and base and suffix in VARIANTS:
         return base, suffix
     if sep and base and not Path(spec).expanduser().exists() and not spec.startswith(("hf-hub:", "local-dir:")):
-        raise ExplainError(f"unknown variant {suffix!r} in {spec!r}; choose one of {sorted(VARIANTS)}")
+        raise UsageError(f"unknown variant {suffix!r} in {spec!r}; choose one of {sorted(VARIANTS)}")
     return spec, None
 
 
@@ -117,7 +114,7 @@ def load_model(spec: str, representatives: Any = 64, broadcast: str = "query") -
 
     name, variant = _split_variant(spec)
     if Path(name).expanduser().is_file():
-        raise ExplainError(f"{name} is a file; MODEL must be {TEACHER}, a timm model name, a Hub repo id or a "
+        raise UsageError(f"{name} is a file; MODEL must be {TEACHER}, a timm model name, a Hub repo id or a "
                            "model folder")
 
     def warn(text: str) -> None:
@@ -126,46 +123,36 @@ def load_model(spec: str, representatives: Any = 64, broadcast: str = "query") -
     try:
         loaded = load(name, pretrained=True, fallback_to_random=True, warn=warn)
     except LoadError as e:
-        raise ExplainError(str(e)) from e
+        raise UsageError(str(e)) from e
     model = mark_random_weights(loaded.model.eval(), not loaded.pretrained)  # written on the figure
     reference = None
     if variant is not None:
         if is_converted(model):
-            raise ExplainError(f"{name} is already converted; drop the :{variant} suffix")
+            raise UsageError(f"{name} is already converted; drop the :{variant} suffix")
         reference = model
         try:
             model = convert(model, variant, representatives, broadcast=broadcast, inplace=False)
         except (ValueError, TypeError) as e:
-            raise ExplainError(str(e)) from e
+            raise UsageError(str(e)) from e
         model.eval()
     return {"model": model, "reference": reference, "config": loaded.data_config,
             "processor": loaded.image_processor, "classes": loaded.class_names}
 
 
-def _resolve_layers(spec: Any, num_layers: int) -> Any:
-    from .capture import LayerError
-
-    if isinstance(spec, slice):
-        chosen = list(range(num_layers))[spec]
-        if not chosen:
-            raise LayerError(f"layers {spec.start}:{spec.stop} select none of the {num_layers} attention layers")
-        return chosen
-    return spec
-
-
 def _run(args: argparse.Namespace) -> int:
-    from .capture import attention_layers, select_layers
+    from ..modeling import attention_layers, select_layers
     from .images import input_config, load_image, preprocess
     from .maps import explain, plot_explanation
 
     image = load_image(args.image)  # fail fast, before loading a model
     if args.num_reps < 1:
-        raise ExplainError("--num-reps must be at least 1")
+        raise UsageError("--num-reps must be at least 1")
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, args.representatives, args.broadcast)
     model, reference = loaded["model"], loaded["reference"]
-    num_layers = len(attention_layers(model))
-    layers = select_layers(num_layers, _resolve_layers(args.layers, num_layers))
+    all_layers = attention_layers(model)
+    num_layers = len(all_layers)
+    layers = select_layers(args.layers, all_layers)
     cfg = input_config(reference or model, loaded["config"], loaded["processor"])
     pixel_values, pixels = preprocess(image, cfg)
     maps, output = explain(model, pixel_values, layers)
@@ -178,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     if heads is not None:
         bad = [h for h in heads if not -maps[0].num_heads <= h < maps[0].num_heads]
         if bad:
-            raise ExplainError(f"head {bad[0]} does not exist: the layers have {maps[0].num_heads} heads")
+            raise UsageError(f"head {bad[0]} does not exist: the layers have {maps[0].num_heads} heads")
         heads = sorted({h % maps[0].num_heads for h in heads})
     pred = ""
     if torch.is_tensor(output) and output.dim() == 2:

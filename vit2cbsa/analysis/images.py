@@ -10,12 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import ImageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ImageError(ValueError):
-    """An image file that cannot be read."""
 
 
 def load_image(path: Union[str, Path]):

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .capture import attention_layers
+from ..modeling import attention_layers
 
 _PROJ_NAMES = ("qkv", "q_proj", "k_proj", "v_proj", "proj", "o_proj", "out_proj")
 

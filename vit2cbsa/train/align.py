@@ -13,28 +13,15 @@ LoLCATs and ViT-AdaLA do for linear attention, applied here to every variant.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..adapters import ConvertedAttention
-from ..convert import conversion_info, find_patch_embedding, layout_of
+from ..convert import conversion_info, layout_of
 from ..layout import GridRecorder
-from ..model_card import forward_pixels
-
-
-def call_model(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Run a timm or transformers vision model on pixels and return logits (or pooled/last features)."""
-    out = forward_pixels(model, pixel_values)
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "pooler_output", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if value is not None:
-            return value
-    return out[0]
+from ..modeling import find_patch_embedding, model_output
 
 
 def _first(out):
@@ -115,13 +102,13 @@ class AttentionAligner(nn.Module):
     def forward(self, pixel_values: torch.Tensor, predict: bool = False):
         """Alignment loss on a batch of images: ``(total, [per-layer relative errors])``.
 
-        ``predict=True``: the student's logits (:func:`call_model`) instead, so that a wrapper around the
+        ``predict=True``: the student's logits (:func:`~vit2cbsa.modeling.model_output`) instead, so that a wrapper around the
         aligner (FSDP, whose root must run first) can evaluate the student through it."""
         if predict:
-            return call_model(self.student, pixel_values)
+            return model_output(self.student, pixel_values)
         self.captured.clear()
         with torch.no_grad():
-            call_model(self.teacher, pixel_values)
+            model_output(self.teacher, pixel_values)
         losses = []
         for name, layer in zip(self.names, self.student_layers):
             x, y = self.captured[name]

@@ -38,31 +38,15 @@ import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import BadImageError, DataError, one_line
+
 EVAL_FOLDERS = ("val", "validation", "test")
 EVAL_SPLITS = ("validation", "val", "test", "valid")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be found or used; the message is one line meant for the user."""
-
-
-class BadImageError(DataError):
-    """An image that cannot be decoded; the one-line message names the file (``.path``).
-
-    A DataLoader worker re-raises it in the main process as ``BadImageError("Caught BadImageError in
-    DataLoader worker process 0. Original Traceback ...")``: the original one-line message is kept."""
-
-    def __init__(self, message: str, path: Optional[str] = None) -> None:
-        if message.startswith(f"Caught {type(self).__name__}"):
-            last = message.strip().splitlines()[-1]
-            message = last.split(f"{type(self).__name__}: ", 1)[-1]
-        super().__init__(message)
-        self.path = path
 
 
 @dataclass
@@ -156,7 +140,7 @@ def _reason(e: BaseException, path: Optional[str]) -> str:
             pass
     if isinstance(e, UnidentifiedImageError):
         return "not an image file PIL can read"
-    return _one_line(e)
+    return one_line(e)
 
 
 class TransformedDataset(Dataset):
@@ -320,7 +304,7 @@ def _image_folder(root: Path, train_split: Optional[str], eval_split: Optional[s
     try:
         train, evaluate = ImageFolder(str(root / (train_split or "train"))), ImageFolder(str(eval_dir))
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"image folder {str(root)!r}: {_one_line(e)}") from e
+        raise DataError(f"image folder {str(root)!r}: {one_line(e)}") from e
     if evaluate.classes != train.classes:
         raise DataError(f"image folder {str(root)!r}: {eval_dir.name}/ has classes {evaluate.classes}, "
                         f"train/ has {train.classes}")
@@ -333,7 +317,7 @@ def _hf_dataset(spec: str, train_split: Optional[str], eval_split: Optional[str]
     try:
         dd = datasets.load_dataset(spec)
     except Exception as e:  # offline, unknown name, unreadable files ...
-        raise DataError(f"cannot load dataset {spec!r}: {_one_line(e)}") from e
+        raise DataError(f"cannot load dataset {spec!r}: {one_line(e)}") from e
     if not isinstance(dd, datasets.DatasetDict):
         raise DataError(f"dataset {spec!r} is not a map-style dataset with splits")
     train_name = train_split or "train"
@@ -356,8 +340,3 @@ def subset_indices(n: int, limit: Optional[int], seed: int = 0) -> Optional[List
     if limit is None or limit >= n:
         return None
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].tolist())
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]

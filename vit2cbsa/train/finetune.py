@@ -80,8 +80,10 @@ from torch import nn
 
 from .. import specs
 from ..convert import conversion_info, convert
+from ..errors import DataError, UsageError, one_line
+from ..modeling import model_output
 from .align import AttentionAligner
-from .data import (BadImageError, DataError, TransformedDataset, Transforms, hf_transforms, load_image_data,
+from .data import (TransformedDataset, Transforms, hf_transforms, load_image_data,
                    subset_indices, teacher_transforms, timm_transforms)
 from .lock import LockHeld, OutputLock, this_process
 from .sharding import (dcp_problem, describe_units, fsdp_requested, fsdp_version, full_state_dict, make_plugin,
@@ -95,10 +97,6 @@ _RESUMABLE_CHANGES = ("output_dir", "stop_after_step", "num_workers", "log_every
                       "checkpoint_every", "keep_checkpoints", "eval_batch_size", "cpu", "eval_subset",
                       "skip_bad_images")
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "fp8")
-
-
-class UsageError(ValueError):
-    """Bad input (missing data, unknown model, bad option): a one-line message for the user."""
 
 
 @dataclass
@@ -285,11 +283,6 @@ def parse_representatives(spec: Union[str, int, Sequence[int]]) -> Union[int, Tu
         raise UsageError(f"--representatives: {e}") from None
 
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
 def _hard_exit(code: int) -> None:  # separate so tests can intercept it
     os._exit(code)
 
@@ -345,11 +338,6 @@ def load_model(spec: str, num_classes: int, class_names: List[str], checkpoint: 
     else:
         transforms = hf_transforms(lm.image_processor)
     return LoadedModel(lm.model.train(), kind, transforms, lm.head_names, lm.head_reset, lm.class_names)
-
-
-def logits_of(model: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Logits of a (possibly DDP- or PEFT-wrapped) timm or transformers classifier."""
-    return model(pixel_values=x).logits if kind == "hf" else model(x)
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -414,7 +402,7 @@ def _file_problem(path: Path) -> Optional[str]:
         try:
             json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            return f"not valid JSON ({_one_line(e)})"
+            return f"not valid JSON ({one_line(e)})"
         return None
     with path.open("rb") as f:
         head = f.read(8)
@@ -437,7 +425,7 @@ def _file_problem(path: Path) -> Optional[str]:
                     if info.header_offset + info.compress_size > size:
                         return f"truncated ({info.filename} ends past the end of the file)"
         except (zipfile.BadZipFile, OSError) as e:
-            return f"truncated or corrupt ({_one_line(e)})"
+            return f"truncated or corrupt ({one_line(e)})"
     return None
 
 
@@ -451,7 +439,7 @@ def checkpoint_problem(d: Path) -> Tuple[Optional[dict], Optional[str]]:
     except FileNotFoundError:
         return None, f"it has no {PROGRESS}"
     except (ValueError, UnicodeDecodeError) as e:
-        return None, f"{PROGRESS} is unreadable ({_one_line(e)})"
+        return None, f"{PROGRESS} is unreadable ({one_line(e)})"
     if not isinstance(progress, dict) or any(k not in progress for k in _PROGRESS_KEYS):
         return None, f"{PROGRESS} lacks some of {', '.join(_PROGRESS_KEYS)}"
     if progress["global_step"] != _step_of(d):
@@ -614,7 +602,7 @@ class _Run:
         try:
             self.student = self._converted_copy()
         except (TypeError, ValueError) as e:
-            raise UsageError(f"convert: {_one_line(e)}") from None
+            raise UsageError(f"convert: {one_line(e)}") from None
         if "finetune" in self.stages and c.lora_rank > 0:
             self.targets = lora_targets(self.student, lm.kind, c.lora_targets)
         skip = c.skip_bad_images
@@ -714,7 +702,7 @@ class _Run:
             except LockHeld as e:
                 outcome = [("held", str(e))]
             except OSError as e:
-                outcome = [("held", f"cannot create the lock {lock.path}: {_one_line(e)}")]
+                outcome = [("held", f"cannot create the lock {lock.path}: {one_line(e)}")]
         if acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -805,7 +793,7 @@ class _Run:
             x, y = batch[0], batch[1]
             valid = batch[2] == 0 if len(batch) > 2 else torch.ones_like(y, dtype=torch.bool)
             with acc.autocast():
-                pred = logits_of(model, x, self.loaded.kind).argmax(-1)
+                pred = model_output(model, x).argmax(-1)
             pred, y, valid = acc.gather_for_metrics((pred, y, valid))
             correct += ((pred == y) & valid).sum().item()
             total += valid.sum().item()
@@ -838,7 +826,7 @@ class _Run:
         return aligner, optimizer, loss_fn, lambda m: self.unwrap(m).student
 
     def _setup_finetune(self):
-        c, kind = self.config, self.loaded.kind
+        c = self.config
         self.student.requires_grad_(True)
         model = self.student
         if c.lora_rank > 0:
@@ -855,11 +843,11 @@ class _Run:
 
         def loss_fn(module, batch):
             x, y = batch[0], batch[1]
-            logits = logits_of(module, x, kind)
+            logits = model_output(module, x)
             loss = F.cross_entropy(logits.float(), y)  # (bf16 logits under FSDP mixed precision)
             if w > 0:
                 with torch.no_grad(), self.accelerator.autocast():
-                    target = logits_of(self.original, x, kind)
+                    target = model_output(self.original, x)
                 kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(target.float() / T, -1),
                               reduction="batchmean", log_target=True) * T * T
                 loss = (1 - w) * loss + w * kl
@@ -893,7 +881,7 @@ class _Run:
             try:
                 acc.load_state(str(self.resume[0]))
             except Exception as e:  # damage the checks before resuming could not see
-                raise UsageError(f"cannot resume from {self.resume[0]}: {_one_line(e)}; move that folder away to "
+                raise UsageError(f"cannot resume from {self.resume[0]}: {one_line(e)}; move that folder away to "
                                  "resume from an older checkpoint") from None
             step = self.resume[1]["stage_step"]
             acc.print(f"resumed {stage} at step {step}/{steps} from {self.resume[0]}")
@@ -1010,7 +998,7 @@ class _Run:
             try:
                 save_pretrained(self.unwrap(model), final, class_names=list(self.data.classes))  # kept through loading
             except ValueError as e:
-                acc.print(f"warning: out/final holds the weights only ({_one_line(e)})")
+                acc.print(f"warning: out/final holds the weights only ({one_line(e)})")
                 fmt = "safetensors"
         fmt = [fmt]
         if acc.num_processes > 1:
