@@ -111,3 +111,81 @@ def test_other_representative_designs_train(family, extra, prefix_broadcast):
     out.float().pow(2).mean().backward()
     new = vit2cbsa.new_parameters(model)
     assert torch.isfinite(out).all() and all(p.grad is not None and torch.isfinite(p.grad).all() for p in new)
+
+
+# --------------------------------------------------------------------------- the adapters own their families
+
+def test_every_registered_adapter_has_a_family_case():
+    """Each adapter in the registry converts at least one of the tiny families of tests/conftest.py (a new adapter
+    needs a case there), and every family is claimed by a registered adapter."""
+    from conftest import FAMILIES
+    from vit2cbsa.adapters import ADAPTERS, find_adapter
+
+    seen = set()
+    for f in FAMILIES:
+        used = {find_adapter(m).name for m in f.build().modules() if find_adapter(m) is not None}
+        assert used, f"no adapter claims the family {f.name}"
+        seen |= used
+    missing = sorted({a.name for a in ADAPTERS} - seen)
+    assert not missing, f"adapters without a family case in tests/conftest.py: {missing}"
+
+
+def _tiny_hf(config_cls, model_cls, **kw):
+    import transformers
+
+    cfg = getattr(transformers, config_cls)(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           intermediate_size=64, image_size=32, patch_size=8, **kw)
+    return getattr(transformers, model_cls)(cfg).eval()
+
+
+@pytest.mark.parametrize("config_cls,model_cls", [("ViTMSNConfig", "ViTMSNModel"), ("IJepaConfig", "IJepaModel")])
+def test_hf_vit_copies_convert_by_structure(config_cls, model_cls):
+    """transformers families not in any adapter's class list, whose attention is a plain q/k/v/o self-attention,
+    are matched by structure, convert, and give the softmax output back when every patch is a representative with
+    the key broadcast at its pretrained temperature (contraction free, kappa 1): checked against the original."""
+    from vit2cbsa.adapters import HF_VIT
+
+    torch.manual_seed(0)
+    original = _tiny_hf(config_cls, model_cls)
+    attn = [m for m in original.modules() if HF_VIT.matches(m)]
+    assert len(attn) == 2 and all(type(m) not in HF_VIT.classes and HF_VIT.matches_structure(m) for m in attn)
+    converted = vit2cbsa.convert(original, "cbsa", num_representatives=4, inplace=False)
+    assert converted.vit2cbsa_info.converted[0].family == "hf_vit" and len(converted.vit2cbsa_info.converted) == 2
+    x = torch.randn(2, 3, 32, 32)
+    out = converted(pixel_values=x).last_hidden_state
+    out.pow(2).mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(p.grad is not None for p in vit2cbsa.new_parameters(converted))
+
+
+def test_attention_with_more_than_qkv_is_not_matched_by_structure():
+    """Swin's attention carries a relative-position table: no adapter claims it, and convert says so (nothing
+    changed)."""
+    import transformers
+
+    from vit2cbsa.adapters import find_adapter
+
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1], num_heads=[2], window_size=4)
+    model = transformers.SwinModel(cfg)
+    assert not any(find_adapter(m) for m in model.modules())
+    with pytest.raises(vit2cbsa.errors.UnsupportedModelError, match="no supported self-attention"):
+        vit2cbsa.convert(model)
+
+
+def test_lora_targets_come_from_the_adapters(family):
+    """The default LoRA target regex selects exactly each layer's q/k/v/output projection Linears, before and after
+    conversion, and PEFT accepts it."""
+    import re
+
+    from vit2cbsa.adapters import lora_target_modules, projection_modules
+
+    model = family.build()
+    expected = {"timm": {"qkv", "proj"}, "hf": {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj"}}
+    for m in (model, vit2cbsa.convert(model, "cbsa", 4, inplace=False)):
+        names = [n for n, _ in projection_modules(m)]
+        per_layer = 2 if not family.hf else 4
+        assert len(names) == 2 * per_layer  # two attention layers
+        assert {n.rsplit(".", 1)[-1] for n in names} <= expected["hf" if family.hf else "timm"]
+        pattern = lora_target_modules(m)
+        picked = [n for n, _ in m.named_modules() if re.fullmatch(pattern, n)]
+        assert sorted(picked) == sorted(names)

@@ -1,8 +1,15 @@
-"""Registry of model-family adapters. Adding a ViT family = adding an adapter file and one line here."""
+"""Registry of model-family adapters. Adding a ViT family = adding an adapter file and one line here.
+
+The adapter is the one place that knows a family: which attention modules it converts (:meth:`Adapter.matches`),
+their shape (:meth:`Adapter.describe`), their replacement (:meth:`Adapter.build`) and the names of their q/k/v/output
+projections (:attr:`Adapter.projections`), from which LoRA's default targets (:func:`lora_target_modules`) and the
+robustness analysis' perturbed weights (:func:`projection_modules`) are derived.
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional
+import re
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -27,4 +34,43 @@ def find_adapter(module: nn.Module) -> Optional[Adapter]:
     return None
 
 
-__all__ = ["ADAPTERS", "Adapter", "AttentionSpec", "ConvertedAttention", "find_adapter", "register_adapter"]
+def adapter_of(module: nn.Module) -> Optional[Adapter]:
+    """The adapter of an attention module, converted (the adapter that built it) or not (the one that matches it)."""
+    if isinstance(module, ConvertedAttention):
+        return next((a for a in ADAPTERS if a.name == module.spec.family), None)
+    return find_adapter(module)
+
+
+def projection_modules(model: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    """``(full name, Linear)`` of the q/k/v/output projections of every attention layer of ``model`` (converted or
+    not), in block order, as each layer's adapter names them."""
+    out = []
+    for name, module in model.named_modules():
+        adapter = adapter_of(module)
+        for child in adapter.projections if adapter is not None else ():
+            lin = getattr(module, child, None)
+            if isinstance(lin, nn.Linear):
+                out.append((f"{name}.{child}" if name else child, lin))
+    return out
+
+
+def lora_target_modules(model: nn.Module) -> Optional[str]:
+    """A regular expression for PEFT's ``LoraConfig(target_modules=...)`` (matched with ``re.fullmatch`` against
+    module names) selecting exactly the attention projections of :func:`projection_modules`; ``None`` if the model
+    has none. Per adapter: ``(?:<attention layer names>)\\.(?:<its projection names>)``."""
+    layers: Dict[Tuple[str, ...], List[str]] = {}
+    for name, _ in projection_modules(model):
+        parent, _, child = name.rpartition(".")
+        adapter = adapter_of(model.get_submodule(parent)) if parent else adapter_of(model)
+        layers.setdefault(adapter.projections, [])
+        if parent not in layers[adapter.projections]:
+            layers[adapter.projections].append(parent)
+    if not layers:
+        return None
+    parts = [rf"(?:{'|'.join(map(re.escape, parents))})\.(?:{'|'.join(map(re.escape, projs))})"
+             for projs, parents in layers.items()]
+    return parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
+
+
+__all__ = ["ADAPTERS", "Adapter", "AttentionSpec", "ConvertedAttention", "adapter_of", "find_adapter",
+           "lora_target_modules", "projection_modules", "register_adapter"]

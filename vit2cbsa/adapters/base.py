@@ -128,6 +128,9 @@ class Adapter:
 
     #: short name used in summaries and saved configs
     name: str = ""
+    #: names of the attention module's q/k/v/output projection ``nn.Linear`` children (a converted layer keeps them):
+    #: what LoRA adapts by default and what the robustness analysis perturbs
+    projections: Tuple[str, ...] = ()
 
     def matches(self, module: nn.Module) -> bool:
         """True if ``module`` is an attention module of this family that can be converted."""

@@ -49,6 +49,7 @@ class TimmConvertedAttention(ConvertedAttention):
 
 class TimmViTAdapter(Adapter):
     name = "timm"
+    projections = ("qkv", "proj")
 
     def matches(self, module: nn.Module) -> bool:
         try:

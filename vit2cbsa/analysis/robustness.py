@@ -19,21 +19,15 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..modeling import attention_layers
-
-_PROJ_NAMES = ("qkv", "q_proj", "k_proj", "v_proj", "proj", "o_proj", "out_proj")
-
+from ..adapters import projection_modules
+from ..errors import UnsupportedModelError
 
 def attention_projection_weights(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
-    """``(name, weight)`` of the q/k/v/output projection Linears of every attention layer, in block order."""
-    out = []
-    for name, module in attention_layers(model):
-        for child in _PROJ_NAMES:
-            lin = getattr(module, child, None)
-            if isinstance(lin, nn.Linear):
-                out.append((f"{name}.{child}.weight" if name else f"{child}.weight", lin.weight))
+    """``(name, weight)`` of the q/k/v/output projection Linears of every attention layer, in block order (the
+    projections each family's adapter names: :func:`vit2cbsa.adapters.projection_modules`)."""
+    out = [(f"{name}.weight", lin.weight) for name, lin in projection_modules(model)]
     if not out:
-        raise ValueError(f"{type(model).__name__} has no attention projection that vit2cbsa recognises")
+        raise UnsupportedModelError(f"{type(model).__name__} has no attention projection that vit2cbsa recognises")
     return out
 
 
