@@ -10,7 +10,7 @@ from torch import nn
 import vit2cbsa
 import vit2cbsa.convert as convert_module
 from vit2cbsa.adapters import ConvertedAttention
-from vit2cbsa.convert import RepresentativesWarning
+from vit2cbsa.errors import RepresentativesWarning
 
 
 def tiny_vit(**kw):

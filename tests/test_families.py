@@ -141,8 +141,8 @@ def _tiny_hf(config_cls, model_cls, **kw):
 @pytest.mark.parametrize("config_cls,model_cls", [("ViTMSNConfig", "ViTMSNModel"), ("IJepaConfig", "IJepaModel")])
 def test_hf_vit_copies_convert_by_structure(config_cls, model_cls):
     """transformers families not in any adapter's class list, whose attention is a plain q/k/v/o self-attention,
-    are matched by structure, convert, and give the softmax output back when every patch is a representative with
-    the key broadcast at its pretrained temperature (contraction free, kappa 1): checked against the original."""
+    are matched by structure, convert (named as the hf_vit family) and train: finite outputs, gradients on the
+    added parameters."""
     from vit2cbsa.adapters import HF_VIT
 
     torch.manual_seed(0)

@@ -6,8 +6,10 @@
 
 from ._version import __version__
 from .attention import CBSA, VARIANTS  # noqa: E402
-from .convert import ConversionInfo, conversion_info, convert, is_converted, layout_of, new_parameters  # noqa: E402
-from .errors import Vit2CBSAError
+from .config import ConversionConfig  # noqa: E402
+from .convert import convert  # noqa: E402
+from .info import ConversionInfo, conversion_info, is_converted, layout_of, new_parameters  # noqa: E402
+from .errors import RepresentativesWarning, Vit2CBSAError
 from .hub import CheckpointError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
 from .hf_auto import register as _register_with_transformers  # noqa: E402
 
@@ -16,7 +18,9 @@ _register_with_transformers()  # transformers' Auto classes and pipeline() load 
 __all__ = [
     "CBSA",
     "CheckpointError",
+    "ConversionConfig",
     "ConversionInfo",
+    "RepresentativesWarning",
     "VARIANTS",
     "Vit2CBSAError",
     "__version__",

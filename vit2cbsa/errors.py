@@ -59,6 +59,14 @@ class ExportError(Vit2CBSAError, ValueError):
     """A model that cannot be exported as asked (a dynamic size it does not support, a failed check)."""
 
 
+class Vit2CBSAWarning(UserWarning):
+    """Base class of vit2cbsa's warnings."""
+
+
+class RepresentativesWarning(Vit2CBSAWarning):
+    """The representative grid is not smaller than the patch grid: the conversion saves nothing there."""
+
+
 def one_line(e: BaseException, limit: int = 240) -> str:
     """``e``'s message on one line (its class name if it has none). vit2cbsa's own messages are kept whole;
     another library's are cut at ``limit`` characters."""
@@ -69,4 +77,4 @@ def one_line(e: BaseException, limit: int = 240) -> str:
 
 
 __all__ = ["BadImageError", "CheckpointError", "DataError", "ExportError", "ImageError", "LayerError", "LoadError",
-           "UnsupportedModelError", "UsageError", "Vit2CBSAError", "one_line"]
+           "RepresentativesWarning", "UnsupportedModelError", "UsageError", "Vit2CBSAError", "Vit2CBSAWarning", "one_line"]

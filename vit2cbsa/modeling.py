@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import inspect
-import operator
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,14 +23,10 @@ from . import specs
 from .adapters import ConvertedAttention, find_adapter
 from .errors import LayerError, UnsupportedModelError
 from .layout import GridRecorder, TokenLayout
+from .specs import LAYER_SELECTORS, as_index
 
 InputSize = Tuple[int, int, int]  # channels, height, width
 LayerSelector = Union[None, int, str, Sequence[int], slice, Callable[[int, str, nn.Module], bool]]
-
-#: what ``layers=`` accepts, for error messages
-LAYER_SELECTORS = ("None (all), an index, a sequence of indices, a slice such as slice(6, None), a string as on "
-                   "the command line ('all', '3', '0,1,2', '6:') or a predicate f(index, name, module)")
-
 
 # --------------------------------------------------------------------------- wrappers and libraries
 
@@ -196,16 +191,6 @@ def attention_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
             if isinstance(m, ConvertedAttention) or find_adapter(m) is not None]
 
 
-def _as_index(value: object) -> Optional[int]:
-    """``value`` as a Python int if it is an integer (also numpy / 0-d torch integers), else ``None``."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
 def layers_text(layers: LayerSelector) -> str:
     """``layers`` as the user would write it: ``slice(6, None)`` -> ``'6:'``."""
     if isinstance(layers, slice):
@@ -237,7 +222,7 @@ def select_layers(selector: LayerSelector, candidates: Sequence[Tuple[str, nn.Mo
     elif callable(selector):
         out = [i for i, (name, mod) in enumerate(candidates) if selector(i, name, mod)]
     else:
-        index = _as_index(selector)
+        index = as_index(selector)
         if index is not None:
             indices = [index]
         elif isinstance(selector, (list, tuple, range)) or (
@@ -248,9 +233,9 @@ def select_layers(selector: LayerSelector, candidates: Sequence[Tuple[str, nn.Mo
                             f"accepts {LAYER_SELECTORS}")
         out = []
         for i in indices:
-            if _as_index(i) is None:
+            if as_index(i) is None:
                 raise TypeError(f"layers must hold integer block indices, got {i!r}; layers accepts {LAYER_SELECTORS}")
-            i = _as_index(i)
+            i = as_index(i)
             if not -n <= i < n:
                 raise LayerError(f"layer {i} does not exist: the model has {n} attention "
                                  f"layers (0..{n - 1}, or -{n}..-1 from the end)")

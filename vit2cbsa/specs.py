@@ -12,6 +12,7 @@ the same two specs; each parses them here and wraps the ``ValueError`` into its 
 
 from __future__ import annotations
 
+import operator
 from typing import Dict, List, Optional, Tuple, Union
 
 GRID_FORMS = "a count such as 64 or a grid such as 8x8"
@@ -59,3 +60,19 @@ def parse_layers(text: Optional[str]) -> Union[None, slice, List[int]]:
         return [int(p) for p in text.split(",")]
     except ValueError:
         raise ValueError(f"expected {LAYER_FORMS}, got {text!r}") from None
+
+
+#: what ``layers=`` accepts, for error messages
+LAYER_SELECTORS = ("None (all), an index, a sequence of indices, a slice such as slice(6, None), a string as on "
+                   "the command line ('all', '3', '0,1,2', '6:') or a predicate f(index, name, module)")
+
+
+def as_index(value: object) -> Optional[int]:
+    """``value`` as a Python int if it is an integer (also numpy / 0-d torch integers), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
