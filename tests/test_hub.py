@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from vit2cbsa.measure import flop_counter
 
 import vit2cbsa
-from vit2cbsa.hub import CONFIG_NAME, CheckpointError, from_pretrained, push_to_hub, read_config, save_pretrained
+from vit2cbsa.errors import CheckpointError
+from vit2cbsa.hub import CONFIG_NAME, from_pretrained, push_to_hub, read_config, save_pretrained
 
 
 @pytest.fixture(autouse=True)
@@ -338,7 +339,7 @@ def test_existing_foreign_folder_is_not_overwritten(tmp_path):
 
 
 def test_interrupted_save_keeps_the_previous_one(tmp_path, monkeypatch):
-    import vit2cbsa.hub as hub
+    import vit2cbsa.hub.io as hub_io
 
     old = converted("timm_vit", seed=0)
     folder = save_pretrained(old, tmp_path / "out")
@@ -347,7 +348,7 @@ def test_interrupted_save_keeps_the_previous_one(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hub, "_sha256", interrupted)  # dies after the weights, before the marker
+    monkeypatch.setattr(hub_io, "sha256", interrupted)  # dies after the weights, before the marker
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(converted("timm_vit", seed=1), folder)
     monkeypatch.undo()
@@ -356,11 +357,11 @@ def test_interrupted_save_keeps_the_previous_one(tmp_path, monkeypatch):
 
 
 def test_killed_save_leaves_nothing_loadable(tmp_path, monkeypatch):
-    import vit2cbsa.hub as hub
+    import vit2cbsa.hub.io as hub_io
 
     # simulate a kill: no cleanup runs, the temporary folder stays, the target never appears
-    monkeypatch.setattr(hub.shutil, "rmtree", lambda *a, **k: None)
-    monkeypatch.setattr(hub, "_sha256", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(hub_io.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(hub_io, "sha256", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         save_pretrained(converted("timm_vit"), tmp_path / "out")
     monkeypatch.undo()
@@ -395,7 +396,7 @@ def _forge(folder, change):
     so that only the deeper checks (names, shapes, dtypes, what may be imported) stand in the way."""
     from safetensors import safe_open
 
-    from vit2cbsa.saved_weights import BINDING_KEY, binding_of_config, canonical
+    from vit2cbsa.hub.weights import BINDING_KEY, binding_of_config, canonical
 
     _rewrite_config(folder, change)
     _refresh_checksums(folder)
@@ -409,11 +410,11 @@ def _forge(folder, change):
 
 
 def _refresh_checksums(folder):
-    from vit2cbsa.hub import _sha256
+    from vit2cbsa.hub.io import sha256
 
     def change(config):
         for name in config["files"]:
-            config["files"][name] = {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+            config["files"][name] = {"size": (folder / name).stat().st_size, "sha256": sha256(folder / name)}
     _rewrite_config(folder, change)
 
 
@@ -635,6 +636,21 @@ def test_push_to_hub_uploads_folder_and_card(hub_calls):
     assert "| top1 | 71.5 |" in text and "| FLOPs |" in text and "| Parameters |" in text
     assert "Towards Interpretable and Efficient Attention: Compressing All by Contracting a Few" in text
     assert "2509.16875" in text and "Wen, Qishuai and Huang, Zhiyuan and Li, Chun-Guang" in text
+
+
+def test_the_card_template_ships_with_the_package():
+    """The card is rendered from a template file: it must be package data of a wheel, not only in the checkout."""
+    import fnmatch
+
+    from vit2cbsa.hub.card import TEMPLATE
+
+    tomllib = pytest.importorskip("tomllib")
+    package = Path(vit2cbsa.__file__).parent
+    if not (package.parent / "pyproject.toml").is_file():
+        pytest.skip("an installed vit2cbsa: no pyproject.toml next to it")
+    patterns = tomllib.loads((package.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    relative = TEMPLATE.relative_to(package).as_posix()
+    assert TEMPLATE.is_file() and any(fnmatch.fnmatch(relative, p) for p in patterns["vit2cbsa"])
 
 
 def test_push_a_saved_folder(tmp_path, hub_calls):

@@ -18,8 +18,10 @@ import transformers
 from PIL import Image
 
 import vit2cbsa
-from vit2cbsa.hub import CheckpointError, from_pretrained, save_pretrained
-from test_hub import _forge, converted, offline, one_thread  # noqa: F401  (fixtures: no network, one thread)
+from vit2cbsa.hub import from_pretrained, save_pretrained
+from test_hub import _forge, converted, offline, one_thread
+
+FIXTURES = (offline, one_thread)  # test_hub's fixtures (no network, one thread), found by pytest under these names
 
 ASSETS = os.path.join(os.path.dirname(vit2cbsa.__file__), "assets", "cifar10_test_samples.npz")
 
@@ -65,6 +67,24 @@ def test_auto_classes_load_the_converted_model_after_import(hf_folder):
                                    model.vit(pixel_values=x).last_hidden_state, rtol=0, atol=0)
     with pytest.raises(TypeError, match="does not take overrides of id2label, label2id"):
         transformers.AutoModelForImageClassification.from_pretrained(str(folder), num_labels=7)
+
+
+def test_auto_classes_resolve_the_folder_once(hf_folder, monkeypatch):
+    import vit2cbsa.hub.load as hub_load
+    import vit2cbsa.hub.transformers_auto as auto
+
+    _, folder = hf_folder
+    calls = []
+    real = hub_load.resolve_folder
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hub_load, "resolve_folder", counted)
+    monkeypatch.setattr(auto, "resolve_folder", counted)
+    transformers.AutoModelForImageClassification.from_pretrained(str(folder))
+    assert calls == [str(folder)]
 
 
 def test_auto_head_class_on_a_headless_folder_says_what_to_use(tmp_path):
@@ -141,13 +161,13 @@ def test_timm_refuses_a_converted_folder(tmp_path):
 
 
 def test_killed_saves_leave_no_temporary_folders_behind_the_next_save(tmp_path):
-    from vit2cbsa.hub import _HOST
+    from vit2cbsa.hub.io import HOST
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
-    stale = [tmp_path / f".out.tmp-{_HOST}--{dead_pid}--abc", tmp_path / f".out.old-{_HOST}--{dead_pid}--abc",
+    stale = [tmp_path / f".out.tmp-{HOST}--{dead_pid}--abc", tmp_path / f".out.old-{HOST}--{dead_pid}--abc",
              tmp_path / ".out.tmp-k2j4h5g6"]  # the last: written by an older vit2cbsa, untouched for two hours
-    live = [tmp_path / f".out.tmp-{_HOST}--{os.getpid()}--def",  # a save in progress in a live process
+    live = [tmp_path / f".out.tmp-{HOST}--{os.getpid()}--def",  # a save in progress in a live process
             tmp_path / ".out.tmp-recent1", tmp_path / ".other.tmp-x"]
     for d in stale + live:
         d.mkdir()

@@ -9,11 +9,11 @@ from .attention import CBSA, VARIANTS  # noqa: E402
 from .config import ConversionConfig  # noqa: E402
 from .convert import convert  # noqa: E402
 from .info import ConversionInfo, conversion_info, is_converted, layout_of, new_parameters  # noqa: E402
-from .errors import RepresentativesWarning, Vit2CBSAError
-from .hub import CheckpointError, from_pretrained, push_to_hub, save_pretrained  # noqa: E402
-from .hf_auto import register as _register_with_transformers  # noqa: E402
+from .errors import CheckpointError, RepresentativesWarning, Vit2CBSAError
+from .hub import from_pretrained, push_to_hub, save_pretrained  # noqa: E402
+from .hub.transformers_auto import register as _register_with_transformers  # noqa: E402
 
-_register_with_transformers()  # transformers' Auto classes and pipeline() load vit2cbsa folders (vit2cbsa.hf_auto)
+_register_with_transformers()  # transformers' Auto classes and pipeline() load vit2cbsa folders
 
 __all__ = [
     "CBSA",

@@ -1,7 +1,8 @@
-"""What a saved folder's weight files must agree on before a single tensor is allocated.
+"""The safetensors weight files of a saved folder: what they must agree on before a single tensor is allocated.
 
 A folder's ``vit2cbsa_config.json`` says how to rebuild the model and its safetensors files hold
-the weights; both are untrusted. :func:`vit2cbsa.from_pretrained` checks, without allocating:
+the weights; both are untrusted. :func:`vit2cbsa.from_pretrained` (:mod:`vit2cbsa.hub.load`) checks,
+without allocating:
 
 1. **The binding.** At save time every weight file's safetensors metadata gets
    ``vit2cbsa_binding``: the canonical JSON of everything that changes the model's outputs,
@@ -30,29 +31,18 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import CheckpointError, one_line
+from ..errors import CheckpointError, one_line
+from .format import FLOAT_DTYPES, dtype_name
 
 BINDING_KEY = "vit2cbsa_binding"
-FLOAT_DTYPES: Dict[str, torch.dtype] = {
-    "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 # safetensors' dtype codes -> torch dtypes (the ones a vit2cbsa model can hold)
 _CODES: Dict[str, torch.dtype] = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def parse_dtype(name: Any, where: str) -> torch.dtype:
-    """The torch dtype a config's ``"dtype"`` entry names; only the four float types are accepted."""
-    if name not in FLOAT_DTYPES:
-        raise CheckpointError(f"{where}: dtype {name!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    return FLOAT_DTYPES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def canonical(obj: Any) -> str:
+    """The canonical JSON text of ``obj`` (sorted keys, no spaces): what the binding stores."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
@@ -63,6 +53,7 @@ def bound_files(files: Mapping[str, Any], weights: Sequence[str]) -> List[str]:
 
 def make_binding(format_version: int, conversion: Mapping[str, Any], base: Mapping[str, Any], dtype: str,
                  file_sha256: Mapping[str, str]) -> Dict[str, Any]:
+    """The binding: everything that changes the model's outputs (``file_sha256``: of the bound files)."""
     return {"format_version": format_version, "conversion": dict(conversion), "base": dict(base), "dtype": dtype,
             "files": dict(sorted(file_sha256.items()))}
 
@@ -189,3 +180,7 @@ def apply_saved_dtypes(model: nn.Module, header: Header) -> None:
             dtype = _CODES.get(header.codes.get(name, ""))
             if dtype is not None and tensor.is_floating_point() and dtype.is_floating_point and tensor.dtype != dtype:
                 tensor.data = tensor.data.to(dtype)
+
+
+__all__ = ["BINDING_KEY", "Header", "apply_saved_dtypes", "binding_of_config", "bound_files", "canonical",
+           "check_binding", "expected_tensors", "make_binding", "read_headers", "tensor_problems"]

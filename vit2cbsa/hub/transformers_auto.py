@@ -9,7 +9,8 @@ that wraps the base model's config (``base_config``). So:
 - after ``import vit2cbsa`` the type is registered: ``AutoConfig`` reads it as
   :class:`Vit2CBSAConfig`, and ``AutoModelForImageClassification.from_pretrained(folder)``,
   ``AutoModel.from_pretrained(folder)`` and ``pipeline("image-classification", model=folder)``
-  return the converted model, loaded by :func:`vit2cbsa.from_pretrained` with all its checks.
+  return the converted model, loaded by :func:`vit2cbsa.from_pretrained` with all its checks (the
+  folder or Hub repo is resolved once, here, then loaded by :func:`vit2cbsa.hub.load.load_folder`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Any, Dict, List, Optional
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, PretrainedConfig
 
-MODEL_TYPE = "vit2cbsa"
+from ..errors import UsageError
+from .format import MODEL_TYPE
+from .load import load_folder, resolve_folder
+
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
 # what the Auto classes and pipeline() pass on their own; none of them changes a vit2cbsa folder's model
 _IGNORED_KWARGS = ("trust_remote_code", "subfolder", "code_revision", "force_download", "proxies",
@@ -45,8 +49,7 @@ class _Vit2CBSALoader:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
-        from .hub import _resolve_folder, from_pretrained
-
+        """The converted model of a vit2cbsa folder or Hub repo (``AutoModel``: without its classification head)."""
         if model_args:
             raise TypeError("vit2cbsa folders are rebuilt from their saved options; from_pretrained takes no "
                             "positional model arguments")
@@ -60,18 +63,18 @@ class _Vit2CBSALoader:
                             f"from_pretrained does not take {', '.join(unknown)}")
         if device is not None and not isinstance(device, str):
             raise TypeError(f"device_map={device!r}: a vit2cbsa model loads onto one device; pass device_map='cpu' or 'cuda'")
-        folder = _resolve_folder(pretrained_model_name_or_path, hub_kwargs.get("revision"), hub_kwargs.get("cache_dir"),
-                                 hub_kwargs.get("token"), hub_kwargs.get("local_files_only", False))
+        folder = resolve_folder(pretrained_model_name_or_path, hub_kwargs.get("revision"), hub_kwargs.get("cache_dir"),
+                                hub_kwargs.get("token"), hub_kwargs.get("local_files_only", False))
         changed = _overridden(passed, folder / "config.json") if isinstance(passed, Vit2CBSAConfig) else []
         if changed:
             raise TypeError(f"vit2cbsa folders load with the options they were saved with; from_pretrained does not "
                             f"take overrides of {', '.join(changed)} (convert and save the model again instead)")
-        model = from_pretrained(folder, device="cpu" if device in (None, "auto") else device)
+        model = load_folder(folder, device="cpu" if device in (None, "auto") else device)
         if dtype not in (None, "auto"):
             model.to(dtype)
         has_head = "ForImageClassification" in type(model).__name__
         if cls._wants_head and not has_head:
-            raise ValueError(f"{pretrained_model_name_or_path} holds a {type(model).__name__} without an image "
+            raise UsageError(f"{pretrained_model_name_or_path} holds a {type(model).__name__} without an image "
                              "classification head; load it with AutoModel (or vit2cbsa.from_pretrained)")
         if not cls._wants_head and has_head:
             inner = model.base_model  # what AutoModel gives for a classification checkpoint: the model without its head
