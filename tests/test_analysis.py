@@ -37,12 +37,15 @@ from vit2cbsa.analysis import (
     robustness_curve,
     union_of_subspaces,
 )
-from vit2cbsa.analysis.cli import explain_main
+from vit2cbsa.cli import explain_main
 from vit2cbsa.analysis.images import InputConfig, preprocess
 from vit2cbsa.analysis.maps import explain, rep_window
 from vit2cbsa.analysis.synthetic import linear_cbsa_update, off_subspace_energy
+from vit2cbsa.attention import VARIANTS
 
 IMAGENET_TAR = Path("/work/shared/data/imagenet-samples-100.tar")
+#: the registered variants that mix through representatives (A, B maps)
+REPRESENTATIVE_VARIANTS = sorted(name for name, cls in VARIANTS.items() if cls.uses_representatives)
 
 
 def _tiny_timm(num_classes=10, distilled=False, img=32, patch=4, depth=2, heads=2, dim=32, seed=0):
@@ -162,7 +165,7 @@ def test_representative_rate_matches_direct():
 # --------------------------------------------------------------------------- capture and maps
 
 
-@pytest.mark.parametrize("variant", ["cbsa", "contraction_free"])
+@pytest.mark.parametrize("variant", REPRESENTATIVE_VARIANTS)
 @pytest.mark.parametrize("broadcast", ["key", "query", "transpose"])
 def test_cbsa_maps_reproduce_mixer_output(variant, broadcast):
     # distilled DeiT: 2 prefix tokens; 40x24 input -> 10x6 patch grid; 4x8 representatives clamp to 4x6, and the
@@ -182,7 +185,7 @@ def test_cbsa_maps_reproduce_mixer_output(variant, broadcast):
         torch.testing.assert_close(maps.out, rec.mixer_out, rtol=1e-5, atol=1e-6)  # B @ C == the mixer's output
         e = attention_operator(rec)  # out = kappa E V
         torch.testing.assert_close(e @ rec.v * maps.kappa.view(1, -1, 1, 1), rec.mixer_out, rtol=1e-5, atol=1e-6)
-        if variant == "contraction_free":
+        if maps.S is None:
             torch.testing.assert_close(e.sum(-1), torch.ones(2, 2, 62))  # row-stochastic without contraction
     # float64 end to end: agreement to rounding
     rec = cap.records[1]
@@ -190,6 +193,29 @@ def test_cbsa_maps_reproduce_mixer_output(variant, broadcast):
     layout = vit2cbsa.layout.TokenLayout(rec.grid)
     mixer = rec.module.mixer.double()
     torch.testing.assert_close(cbsa_maps(mixer, q, k, v, rec.grid).out, mixer(q, k, v, layout), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_is_analysed_through_its_mixer(variant):
+    """Capture, the operator E, the per-layer maps and the coding rates of any registered variant, from what its
+    mixer says of itself (its name, whether it uses representatives, its operator and maps)."""
+    uses = VARIANTS[variant].uses_representatives
+    model = _randomise_mixers(vit2cbsa.convert(_tiny_timm(), variant, 16, inplace=False))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    with AttentionCapture(model) as cap:
+        cap.run(x)
+    for rec in cap.records:
+        assert rec.kind == rec.mixer.name == variant
+        e = attention_operator(rec)
+        assert e.shape == (2, 2, 65, 65)
+        kappa = getattr(rec.mixer, "kappa", torch.ones(2)).detach().view(1, -1, 1, 1)
+        torch.testing.assert_close(kappa * (e @ rec.v), rec.mixer_out, rtol=1e-5, atol=1e-6)
+    maps, _ = explain(model, x, None)
+    assert [(lm.kind, lm.converted, lm.has_representatives) for lm in maps] == [(variant, True, uses)] * 2
+    assert all(lm.description == VARIANTS[variant].description for lm in maps)
+    rates = layer_coding_rates(model, x)
+    assert [r["kind"] for r in rates] == [variant] * 2
+    assert [r["representatives"] is not None for r in rates] == [uses] * 2
 
 
 def test_extraction_equals_pretrained_attention_when_every_patch_is_a_representative():

@@ -1,12 +1,26 @@
-"""Variant modules against straightforward per-head references written independently here."""
+"""Variant modules against straightforward per-head references written independently here; the variant
+registry (every registered variant builds, and its ``operator`` / ``maps`` reproduce its forward pass), and a
+toy variant registered here that converts a model and is analysed through its own ``operator``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vit2cbsa.attention import CBSA, CBSAMixer, ContractionFreeMixer, LinearMixer
+from vit2cbsa.attention import (
+    CBSA,
+    VARIANTS,
+    CBSAMixer,
+    ContractionFreeMixer,
+    LinearMixer,
+    Mixer,
+    build_mixer,
+    register_variant,
+    unregister_variant,
+    variant_uses_representatives,
+)
 from vit2cbsa.attention.cbsa_explicit import ExplicitCBSA, Geometry
+from vit2cbsa.errors import UnsupportedModelError, UsageError
 from vit2cbsa.layout import TokenLayout
 
 torch.manual_seed(0)
@@ -258,3 +272,132 @@ def test_training_under_bf16_autocast_matches_float32(recompute):
                                 mixer.log_temperature.grad.flatten()]))
     cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
     assert torch.isfinite(grads[1]).all() and cos > 0.99
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+def _built(variant, broadcast="key"):
+    """``variant``'s mixer as convert builds it (default design), in float64, parameters away from their init."""
+    torch.manual_seed(4)
+    mixer = build_mixer(variant, H, D, (3, 2), broadcast, extra_representatives="prefix", prefix_broadcast="own")
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return mixer.double()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_registered_variant_builds_and_describes_itself(variant):
+    mixer = build_mixer(variant, H, D, (3, 2), "query", scale=0.3, extra_representatives="global")
+    cls = VARIANTS[variant]
+    assert type(mixer) is cls and isinstance(mixer, Mixer) and mixer.name == variant
+    assert variant_uses_representatives(variant) is cls.uses_representatives
+    assert mixer.description and mixer.formula.startswith(("E", "normalised"))
+    if cls.uses_representatives:  # every option reaches a representative mixer
+        assert (mixer.rep_grid, mixer.broadcast, mixer.scale, mixer.extra_representatives) == ((3, 2), "query", 0.3,
+                                                                                                "global")
+
+
+@pytest.mark.parametrize("broadcast", ["key", "transpose"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_operator_and_maps_are_the_mixers_own_forward_steps(variant, broadcast):
+    """``forward == kappa E V`` with ``E = operator(q, k)``; representative variants' maps give the same ``E``
+    and output, with stochastic ``A`` and ``B``; the others have no maps (a one-line TypeError)."""
+    n = PREFIX + GH * GW
+    q, k, v = _qkv(n)
+    layout = TokenLayout((GH, GW))
+    mixer = _built(variant, broadcast)
+    with torch.no_grad():
+        out = mixer(q, k, v, layout)
+    e = mixer.operator(q, k, layout)
+    assert e.shape == (B, H, n, n) and not e.requires_grad
+    torch.testing.assert_close(mixer.kappa.detach().view(1, -1, 1, 1) * (e @ v), out)
+    if mixer.uses_representatives:
+        maps = mixer.maps(q, k, v, layout)
+        m = PREFIX + 3 * 2
+        assert maps.A.shape == (B, H, m, n) and maps.B.shape == (B, H, n, m) and maps.lead == PREFIX
+        torch.testing.assert_close(maps.out, out)
+        torch.testing.assert_close(maps.operator(), e)
+        torch.testing.assert_close(maps.A.sum(-1), torch.ones(B, H, m, dtype=torch.float64))
+        torch.testing.assert_close(maps.B.sum(-1), torch.ones(B, H, n, dtype=torch.float64))
+        assert (maps.S is None) == (maps.gamma is None)
+    else:
+        with pytest.raises(UnsupportedModelError, match="no representatives") as err:
+            mixer.maps(q, k, v, layout)
+        assert isinstance(err.value, TypeError) and "\n" not in str(err.value)
+
+
+def test_register_variant_refuses_nameless_duplicate_and_foreign_classes():
+    class Nameless(Mixer):
+        pass
+
+    class SameName(CBSAMixer):  # inherits name "cbsa"
+        pass
+
+    class Spaced(Mixer):
+        name = "two words"
+
+    before = dict(VARIANTS)
+    for cls, match in ((Nameless, "no variant name"), (Spaced, "no variant name"), (SameName, "already registered"),
+                       (torch.nn.Linear, "Mixer subclass")):
+        with pytest.raises(UsageError, match=match):
+            register_variant(cls)
+    for call in (lambda: build_mixer("nonsense", H, D, (2, 2), "key"), lambda: unregister_variant("nonsense"),
+                 lambda: variant_uses_representatives("nonsense")):
+        with pytest.raises(UsageError, match=r"unknown variant 'nonsense'; choose one of \['cbsa'"):
+            call()
+    assert VARIANTS == before
+
+
+class MeanOfValues(Mixer):
+    """A toy variant: every token receives the mean of the values, ``E = 1 1^T / N``."""
+
+    name = "toy_mean"
+    description = "mean of the values"
+    formula = "E = 11^T/N"
+
+    def __init__(self, num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+
+    def forward(self, q, k, v, layout):
+        return v.mean(dim=-2, keepdim=True).expand_as(v)
+
+    def operator(self, q, k, layout):
+        n = q.shape[-2]
+        return q.new_full((*q.shape[:-1], n), 1.0 / n)
+
+
+def test_a_registered_toy_variant_converts_a_model_and_is_analysed_through_its_operator():
+    import timm
+
+    import vit2cbsa
+    from vit2cbsa.analysis import AttentionCapture, attention_operator, explain
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=2, num_heads=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert register_variant(MeanOfValues) is MeanOfValues
+    try:
+        assert not variant_uses_representatives("toy_mean")
+        converted = vit2cbsa.convert(model, "toy_mean", layers=[-1], inplace=False)
+        assert isinstance(converted.blocks[1].attn.mixer, MeanOfValues)
+        assert type(converted.blocks[0].attn) is type(model.blocks[0].attn)  # layers=[-1]: only the last
+        with AttentionCapture(converted, "all") as cap:
+            logits = cap.run(x)
+        assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+        original, rec = cap.records
+        assert (original.kind, rec.kind) == ("softmax", "toy_mean")
+        e = attention_operator(rec)  # through MeanOfValues.operator
+        torch.testing.assert_close(e @ rec.v, rec.mixer_out)
+        maps, _ = explain(converted, x, [-1])
+        assert (maps[0].kind, maps[0].description, maps[0].formula) == ("toy_mean", "mean of the values", "E = 11^T/N")
+        assert maps[0].converted and not maps[0].has_representatives
+        assert maps[0].cls.shape == (2, 4, 4) and maps[0].cls.sum(axis=(1, 2)) == pytest.approx([16 / 17] * 2)
+    finally:
+        assert unregister_variant("toy_mean") is MeanOfValues
+    assert "toy_mean" not in VARIANTS
+    with pytest.raises(ValueError, match="unknown variant 'toy_mean'"):
+        vit2cbsa.convert(model, "toy_mean", inplace=False)

@@ -1,4 +1,4 @@
-"""The ``vit2cbsa explain`` figure (:func:`vit2cbsa.analysis.maps.explanation_figure`), read back from the
+"""The ``vit2cbsa explain`` figure (:func:`vit2cbsa.analysis.figures.explanation_figure`), read back from the
 matplotlib Figure: plain-words panel titles with the notation in captions, colour bars, "random weights"
 on the figure of an untrained model, a suptitle that fits narrow figures, numbers checked against
 attention computed here by hand. Tiny random-weight models; nothing is downloaded.
@@ -15,14 +15,8 @@ import timm
 import torch
 
 import vit2cbsa
-from vit2cbsa.analysis.maps import (
-    RANDOM_WEIGHTS_NOTE,
-    explain,
-    explanation_figure,
-    mark_random_weights,
-    plot_explanation,
-    rep_window,
-)
+from vit2cbsa.analysis.figures import RANDOM_WEIGHTS_NOTE, explanation_figure, plot_explanation
+from vit2cbsa.analysis.maps import explain, mark_random_weights, rep_window
 
 NOTATION = re.compile(r"A\[|B\[|E =|softmax\(|argmax|γ|φ")
 
@@ -231,19 +225,19 @@ def test_cli_random_weight_fallback_is_written_on_the_figure(tmp_path, monkeypat
     import huggingface_hub.constants
     from PIL import Image
 
-    import vit2cbsa.analysis.maps as maps_module
-    from vit2cbsa.analysis.cli import explain_main
+    import vit2cbsa.analysis.figures as figures_module
+    from vit2cbsa.cli import explain_main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     seen = {}
-    real = maps_module.plot_explanation
+    real = figures_module.plot_explanation
 
     def spy(pixels, maps, path, **kwargs):
         seen["random"] = kwargs.get("random_weights", False) or any(lm.random_weights for lm in maps)
         return real(pixels, maps, path, **kwargs)
 
-    monkeypatch.setattr(maps_module, "plot_explanation", spy)
+    monkeypatch.setattr(figures_module, "plot_explanation", spy)
     photo = tmp_path / "photo.png"
     Image.fromarray(IMAGE).resize((48, 40)).save(photo)
     assert explain_main(["test_vit:contraction_free", str(photo), "--heads", "0", "--num-reps", "1",

@@ -38,12 +38,14 @@ import numpy as np
 import pytest
 import torch
 
-from vit2cbsa.attention import build_mixer
+from vit2cbsa.attention import VARIANTS, build_mixer
 from vit2cbsa.layout import TokenLayout
 
 H, D = 2, 64
-VARIANTS = {"cbsa/query": ("cbsa", "query"), "cbsa/key": ("cbsa", "key"), "cbsa/transpose": ("cbsa", "transpose"),
-            "contraction_free/query": ("contraction_free", "query"), "linear": ("linear", "query")}
+#: the mixers checked, name -> (variant, broadcast): every registered variant (those with representatives with the
+#: query broadcast), and CBSA with its other broadcasts too
+MIXERS = {(f"{v}/query" if VARIANTS[v].uses_representatives else v): (v, "query") for v in sorted(VARIANTS)}
+MIXERS.update({f"cbsa/{b}": ("cbsa", b) for b in ("key", "transpose")})
 CASES = ("normal", "large_logits", "tokens_4097", "collapsed")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("cast", "autocast")
@@ -68,7 +70,7 @@ def _inputs(case: str):
 
 
 def _mixer(name: str) -> torch.nn.Module:
-    variant, broadcast = VARIANTS[name]
+    variant, broadcast = MIXERS[name]
     torch.manual_seed(0)
     mixer = build_mixer(variant, H, D, (4, 4), broadcast, extra_representatives="prefix", prefix_broadcast="own")
     with torch.no_grad():  # step sizes, temperatures, feature maps away from their initial values
@@ -140,7 +142,7 @@ XFAIL: dict = {}
 
 def _params():
     out = []
-    for name in VARIANTS:
+    for name in MIXERS:
         for case in CASES:
             for dt in DTYPES:
                 for mode in MODES:
@@ -151,7 +153,7 @@ def _params():
     return out
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", list(MIXERS))
 @pytest.mark.parametrize("dt", list(DTYPES))
 def test_finite_on_every_stress_input(name, dt):
     """Forward (training and inference paths) and the hand-written backward stay finite, both modes."""
@@ -178,7 +180,7 @@ def _tiny_vit(variant=None, side=64):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=side * 8, patch_size=8, embed_dim=64,
                               depth=2, num_heads=2, num_classes=5)
     if variant is not None:
-        name, broadcast = VARIANTS[variant]
+        name, broadcast = MIXERS[variant]
         model = vit2cbsa.convert(model, name, 16, broadcast=broadcast)
     return model.eval()
 
@@ -215,7 +217,7 @@ def _model_errors(variant, dtype, mode, side):
 
 def _model_params():
     out = []
-    for variant in VARIANTS:
+    for variant in MIXERS:
         for dt in DTYPES:
             for mode in MODES:
                 marks = []
@@ -325,7 +327,7 @@ def fresh_accelerate():
 @pytest.mark.parametrize("dt", ["bf16", "fp16"])
 def test_finetune_end_to_end_in_mixed_precision_on_cpu(assets, tmp_path, fresh_accelerate, dt):
     import vit2cbsa
-    from vit2cbsa.train import finetune
+    from vit2cbsa import train
 
     spec = importlib.util.spec_from_file_location("finetune_cli_mp", ROOT / "examples" / "finetune.py")
     cli = importlib.util.module_from_spec(spec)
@@ -335,7 +337,7 @@ def test_finetune_end_to_end_in_mixed_precision_on_cpu(assets, tmp_path, fresh_a
             json.dumps(TINY_KW), "--dataset", str(assets / "data"), "--out", str(out), "--representatives", "4",
             "--num-workers", "0", "--cpu", "--log-every", "1", "--batch-size", "8", "--align-steps", "2",
             "--finetune-steps", "3", "--lora-rank", "2", "--distill-weight", "0.5", "--mixed-precision", dt]
-    result = finetune.run(finetune.FinetuneConfig(**vars(cli.build_parser().parse_args(argv))))
+    result = train.run(train.FinetuneConfig(**vars(cli.build_parser().parse_args(argv))))
     assert result["mixed_precision"] == dt and result["final_format"] == "vit2cbsa"
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 5 and all(np.isfinite(losses))
@@ -348,7 +350,7 @@ def test_finetune_end_to_end_in_mixed_precision_on_cpu(assets, tmp_path, fresh_a
 if __name__ == "__main__":  # the whole table: python tests/test_mixed_precision.py
     torch.set_num_threads(1)
     for mode in MODES:
-        for name in VARIANTS:
+        for name in MIXERS:
             for case in CASES:
                 for dt in DTYPES:
                     r = measure(name, case, dt, mode)

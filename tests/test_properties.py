@@ -4,6 +4,8 @@
   1..8, 0..5 prefix tokens, any representative grid (also larger than the patch grid), variant,
   broadcast, extra representatives, prefix read-back, learnable parameters away from their init and
   query/key magnitudes from tiny to large;
+* every registered variant's output is ``kappa E V`` with ``E`` its own ``operator(q, k)`` (the operator
+  analysis shows is the one the mixer computes);
 * the representatives ``P`` the mixer computes are, independently of the prefix tokens, the adaptive
   average pooling of the patch queries (computed here with ``adaptive_avg_pool2d``), and each prefix
   representative is that token's own query: perturbing the prefix queries changes only their rows;
@@ -31,7 +33,8 @@ import vit2cbsa  # noqa: E402
 from vit2cbsa.attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS, build_mixer  # noqa: E402
 from vit2cbsa.layout import EXTRA_REPRESENTATIVES, TokenLayout, effective_grid, extra_parts  # noqa: E402
 
-CBSA_KINDS = ("cbsa", "contraction_free")
+#: the registered variants that mix through representatives
+REPRESENTATIVE_VARIANTS = tuple(sorted(name for name, cls in VARIANTS.items() if cls.uses_representatives))
 # no example database: it would be written into the working tree (.hypothesis/); failures print the example
 FAST = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,7 +106,23 @@ def test_mixer_output_and_gradients_are_finite(case, magnitude, train):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("variant", CBSA_KINDS)
+@FAST
+@given(case=mixer_cases())
+def test_every_mixer_is_kappa_times_its_operator_on_the_values(case):
+    gen = torch.Generator().manual_seed(case["seed"])
+    mixer = _mixer(case).double()
+    _randomise(mixer, gen)
+    q, k, v = _qkv(case, gen, dtype=torch.float64)
+    layout = TokenLayout(case["grid"])
+    with torch.no_grad():
+        out = mixer(q, k, v, layout)
+    e = mixer.operator(q, k, layout)
+    n = q.shape[-2]
+    assert e.shape == (case["batch"], case["heads"], n, n)
+    torch.testing.assert_close(mixer.kappa.detach().view(1, -1, 1, 1) * (e @ v), out, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("variant", REPRESENTATIVE_VARIANTS)
 def test_transpose_broadcast_gradient_of_a_token_no_representative_reads(variant):
     """Found by the property above: one prefix token, one patch; the only representative (the patch's
     query) gives the prefix token weight exp(-200), which float32 rounds to 0. A^T / (A^T 1) is then
@@ -129,7 +148,7 @@ def _pool_reference(patches: torch.Tensor, h: int, w: int, rep_grid) -> torch.Te
 
 
 @FAST
-@given(case=mixer_cases(variants=CBSA_KINDS), perturbation=st.sampled_from([1e-3, 1.0, 1e3, 1e6]))
+@given(case=mixer_cases(variants=REPRESENTATIVE_VARIANTS), perturbation=st.sampled_from([1e-3, 1.0, 1e3, 1e6]))
 def test_representatives_ignore_prefix_tokens_and_prefix_representatives_are_their_queries(case, perturbation):
     gen = torch.Generator().manual_seed(case["seed"])
     mixer = _mixer(case).double()
@@ -139,9 +158,8 @@ def test_representatives_ignore_prefix_tokens_and_prefix_representatives_are_the
     q2 = q.clone()
     q2[:, :, :t] = perturbation * torch.randn(q2[:, :, :t].shape, generator=gen, dtype=q.dtype)
     layout = TokenLayout(case["grid"])
-    with torch.no_grad():
-        p1 = mixer.steps(q, k, v, layout).p
-        p2 = mixer.steps(q2, k, v, layout).p
+    p1 = mixer.maps(q, k, v, layout).P  # the representatives of the mixer's own forward steps
+    p2 = mixer.maps(q2, k, v, layout).P
     lead, glob = extra_parts(case["extra"], t)
     gh, gw = effective_grid(case["rep_grid"], h, w)
     pooled = slice(lead, lead + gh * gw)
@@ -159,7 +177,7 @@ def test_representatives_ignore_prefix_tokens_and_prefix_representatives_are_the
 
 
 @FAST
-@given(case=mixer_cases(variants=CBSA_KINDS))
+@given(case=mixer_cases(variants=REPRESENTATIVE_VARIANTS))
 def test_prefix_tokens_keep_their_softmax_attention_at_conversion(case):
     """Default design (prefix representatives, own read-back), parameters at init: prefix token ``i``
     gets ``softmax(s q_i K^T) V`` exactly as the pretrained layer would, for any grid and broadcast."""

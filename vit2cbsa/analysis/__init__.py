@@ -4,14 +4,16 @@
   term ``sum_k R(X U_k)`` of the tokens entering each attention layer and of a converted layer's
   representatives (:func:`layer_coding_rates`).
 * :mod:`.capture` -- hook-based capture of attention inputs and mixer ``q, k, v`` (:class:`AttentionCapture`).
-* :mod:`.maps` -- ``A`` (representative <- token) and ``B`` (token <- representative) recomputed from
-  captured ``q, k`` (:func:`cbsa_maps`), class-token maps, and figures (:func:`explain`,
-  :func:`plot_explanation`).
+* :mod:`.maps` -- every layer's token-to-token operator ``E`` (``out = kappa E V``, :func:`attention_operator`)
+  and, for representative variants, ``A`` (representative <- token) and ``B`` (token <- representative)
+  (:func:`cbsa_maps`), all from the mixer's own forward steps; class-token maps per layer (:func:`explain`).
+* :mod:`.figures` -- the ``explain`` figure of those maps (:func:`plot_explanation`).
 * :mod:`.robustness` -- accuracy under Gaussian noise on the attention projections (:func:`robustness_curve`).
 * :mod:`.synthetic` -- the parameter-free linear variant of CBSA compressing a union of subspaces.
 * :mod:`.cli` -- ``vit2cbsa explain MODEL IMAGE`` (:func:`explain_main`).
 """
 
+from ..attention import CBSAMaps
 from ..errors import ImageError, LayerError
 from ..modeling import attention_layers
 from .capture import AttentionCapture, LayerRecord
@@ -23,8 +25,9 @@ from .coding_rate import (
     logdet_spd,
     representative_rate,
 )
+from .figures import plot_explanation
 from .images import InputConfig, input_config, load_image, preprocess
-from .maps import CBSAMaps, LayerMaps, attention_operator, cbsa_maps, explain, layer_maps, plot_explanation
+from .maps import LayerMaps, attention_operator, cbsa_maps, explain, layer_maps
 from .robustness import attention_projection_weights, perturbed, plot_robustness, robustness_curve
 from .synthetic import compress_synthetic, linear_cbsa_step, plot_synthetic, union_of_subspaces
 

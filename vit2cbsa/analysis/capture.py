@@ -30,9 +30,9 @@ from ..modeling import PatchGridWatch, attention_layers, model_output, select_la
 
 
 def layer_kind(module: nn.Module) -> str:
-    """``softmax`` for an original layer, else the converted mixer's variant (``cbsa``, ...)."""
+    """``softmax`` for an original layer, else the name of the converted layer's mixer (``cbsa``, ...)."""
     if isinstance(module, ConvertedAttention):
-        return getattr(module.mixer, "variant", type(module.mixer).__name__)
+        return getattr(module.mixer, "name", None) or type(module.mixer).__name__
     return "softmax"
 
 
@@ -60,6 +60,16 @@ class LayerRecord:
     @property
     def converted(self) -> bool:
         return isinstance(self.module, ConvertedAttention)
+
+    @property
+    def mixer(self) -> Optional[nn.Module]:
+        """The converted layer's mixer (a :class:`~vit2cbsa.attention.Mixer`), ``None`` for an original layer."""
+        return self.module.mixer if self.converted else None
+
+    @property
+    def layout(self) -> TokenLayout:
+        """The token layout of the captured input (its patch grid)."""
+        return TokenLayout(self.grid)
 
     @property
     def prefix(self) -> int:

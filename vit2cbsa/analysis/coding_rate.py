@@ -27,8 +27,9 @@ Normalised variant (``normalize=True``): the rows of ``X U_k`` are scaled to uni
 the rate is taken, so the term depends only on the directions of the tokens within each
 subspace (bounded, and comparable across layers whose token norms differ).
 
-Representatives of a converted layer: with the extraction coefficients ``A`` (``m x N`` per
-head, see :func:`vit2cbsa.analysis.maps.cbsa_maps`), the representatives in the same subspace
+Representatives of a converted layer whose mixer has them (``Mixer.uses_representatives``): with the
+extraction coefficients ``A`` (``m x N`` per head, :meth:`Mixer.maps <vit2cbsa.attention.Mixer.maps>`),
+the representatives in the same subspace
 are ``A (X U_k)`` (the paper's ``Q_k = W^T C_k``), and their rate is ``R`` with ``N = m``.
 """
 
@@ -158,16 +159,15 @@ def layer_coding_rates(
     batch_size: int = 64,
 ) -> List[Dict[str, object]]:
     """Compression term of the tokens entering every attention layer (and of the representatives of
-    converted CBSA-type layers), averaged over ``images`` (preprocessed, ``B x 3 x H x W``).
+    converted layers whose mixer has them), averaged over ``images`` (preprocessed, ``B x 3 x H x W``).
 
-    One dict per layer, in block order: ``index``, ``name``, ``kind`` (``softmax``, ``cbsa``,
-    ``contraction_free`` or ``linear``), ``tokens`` / ``tokens_normalized`` (``sum_k R(X U_k)``,
-    mean over images), ``tokens_per_head``, and for CBSA-type layers ``representatives`` /
-    ``representatives_normalized`` (``sum_k R(A_k X U_k)``, ``None`` otherwise). Inputs are
-    captured with hooks, ``batch_size`` images at a time.
+    One dict per layer, in block order: ``index``, ``name``, ``kind`` (``softmax`` or the mixer's variant
+    name), ``tokens`` / ``tokens_normalized`` (``sum_k R(X U_k)``, mean over images), ``tokens_per_head``,
+    and for representative layers ``representatives`` / ``representatives_normalized`` (``sum_k R(A_k X U_k)``,
+    ``None`` otherwise) and ``num_representatives``. Inputs are captured with hooks, ``batch_size`` images
+    at a time.
     """
     from .capture import AttentionCapture
-    from .maps import cbsa_maps
 
     sums: Dict[int, Dict[str, object]] = {}
     count = 0
@@ -188,8 +188,8 @@ def layer_coding_rates(
             entry["tokens"] += tok.sum().item()
             entry["tokens_normalized"] += tok_n.sum().item()
             entry["tokens_per_head"] += tok.sum(0)
-            if rec.kind in ("cbsa", "contraction_free"):
-                maps = cbsa_maps(rec.module.mixer, rec.q, rec.k, rec.v, rec.grid)
+            if getattr(rec.mixer, "uses_representatives", False):
+                maps = rec.mixer.maps(rec.q, rec.k, None, rec.layout)
                 rep = representative_rate(maps.A, x, bases, eps)
                 rep_n = representative_rate(maps.A, x, bases, eps, normalize=True)
                 entry["representatives"] = (entry["representatives"] or 0.0) + rep.sum().item()

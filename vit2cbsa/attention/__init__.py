@@ -1,31 +1,22 @@
-"""Attention variants: token mixers for converted layers, and the pure CBSA layer of the paper."""
+"""Attention variants: token mixers for converted layers (registered by name), and the pure CBSA layer of the paper.
+
+* :mod:`.base` -- :class:`Mixer`, the interface of every variant (``forward``, and ``operator`` / ``maps`` for
+  analysis: ``context = kappa E V``), and :class:`CBSAMaps`, the steps of a representative variant;
+* :mod:`.registry` -- :data:`VARIANTS` (name -> class), :func:`register_variant`, :func:`build_mixer`;
+* :mod:`.cbsa` (``"cbsa"``), :mod:`.contraction_free` (``"contraction_free"``), :mod:`.linear` (``"linear"``):
+  the built-in variants, each registering itself; :mod:`.cbsa_explicit`: CBSA's forward steps and backward pass;
+* :mod:`.cbsa_layer` -- :class:`CBSA`, the paper's layer (eqs. 5-8) for building a model from scratch.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, Tuple, Type
-
-from torch import nn
-
+from .base import CBSAMaps, Mixer
 from .cbsa import BROADCASTS, PREFIX_BROADCASTS, CBSAMixer
 from .cbsa_layer import CBSA
 from .contraction_free import ContractionFreeMixer
 from .linear import LinearMixer
+from .registry import VARIANTS, build_mixer, register_variant, unregister_variant, variant_uses_representatives
 
-VARIANTS: Dict[str, Type[nn.Module]] = {
-    "cbsa": CBSAMixer,
-    "contraction_free": ContractionFreeMixer,
-    "linear": LinearMixer,
-}
-
-
-def build_mixer(variant: str, num_heads: int, head_dim: int, rep_grid: Tuple[int, int], broadcast: str,
-                scale: float | None = None, extra_representatives: str = "none",
-                prefix_broadcast: str = "all") -> nn.Module:
-    """Instantiate the token mixer of ``variant`` for one layer."""
-    if variant == "linear":
-        return LinearMixer(num_heads, head_dim)
-    return VARIANTS[variant](num_heads, head_dim, rep_grid, broadcast=broadcast, scale=scale,
-                             extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast)
-
-
-__all__ = ["BROADCASTS", "PREFIX_BROADCASTS", "CBSA", "CBSAMixer", "ContractionFreeMixer", "LinearMixer", "VARIANTS", "build_mixer"]
+__all__ = ["BROADCASTS", "PREFIX_BROADCASTS", "CBSA", "CBSAMaps", "CBSAMixer", "ContractionFreeMixer", "LinearMixer",
+           "Mixer", "VARIANTS", "build_mixer", "register_variant", "unregister_variant",
+           "variant_uses_representatives"]

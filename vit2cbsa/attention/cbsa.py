@@ -44,18 +44,35 @@ high resolution (at ``N`` of a few hundred the backward's ``m x N`` temporaries 
 Temperatures, ``kappa`` and the scale are folded into the small ``m x d`` operands, so no ``N x d``
 tensor is rescaled; the pooling matrix of unequal windows is a cached constant. ``broadcast="transpose"``
 (which needs ``A`` itself in the broadcast) trains through autograd on the same forward steps.
+
+For analysis, :meth:`CBSAMixer.maps` returns those forward steps as a :class:`~vit2cbsa.attention.base.CBSAMaps`
+(``A``, ``B``, ``S = softmax(s e^a P K_r^T)``, ``P``, ``K_r``, ``V_r``, ``C``, the output) and
+:meth:`CBSAMixer.operator` the whole layer as one token-to-token operator, ``out = kappa E V`` with
+``E = B (I + gamma S) A`` (row-stochastic when ``gamma = 0``).
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.fx
 from torch import nn
 
-from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, is_tracing
-from .cbsa_explicit import ExplicitCBSA, Geometry, _without_autocast, compute_dtype, flat_heads, forward_steps
+from ..errors import UsageError
+from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, effective_grid, extra_parts, is_tracing
+from .base import CBSAMaps, Mixer
+from .cbsa_explicit import (
+    ExplicitCBSA,
+    Geometry,
+    Steps,
+    StepSizes,
+    _without_autocast,
+    compute_dtype,
+    flat_heads,
+    forward_steps,
+)
+from .registry import register_variant
 
 # under torch.fx, q.dtype is a graph value: compute_dtype becomes a node of the graph, not a Python branch
 torch.fx.wrap("compute_dtype")
@@ -64,7 +81,8 @@ BROADCASTS = ("key", "query", "transpose")
 PREFIX_BROADCASTS = ("own", "all")
 
 
-class CBSAMixer(nn.Module):
+@register_variant
+class CBSAMixer(Mixer):
     """Token mixer of a converted layer: ``(q, k, v) -> context``, all ``B x H x N x d``.
 
     Args:
@@ -78,8 +96,11 @@ class CBSAMixer(nn.Module):
             representative (its broadcast row is one-hot); ``"all"``: like every other token.
     """
 
+    name = "cbsa"
+    uses_representatives = True
+    description = "CBSA"
+    formula = "E = B(I+γS)A"
     contraction: bool = True
-    variant: str = "cbsa"
     #: training: keep only ``q, k, v`` and rerun the forward steps in backward (five of the ~20
     #: ``m x N x d`` matmuls of a training step; no measurable cost at 224 or 1024), so at high
     #: resolution peak memory stays at the original layer's. Set ``False`` on a module to keep ``A``,
@@ -98,11 +119,11 @@ class CBSAMixer(nn.Module):
     ) -> None:
         super().__init__()
         if broadcast not in BROADCASTS:
-            raise ValueError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}")
+            raise UsageError(f"broadcast must be one of {BROADCASTS}, got {broadcast!r}")
         if extra_representatives not in EXTRA_REPRESENTATIVES:
-            raise ValueError(f"extra_representatives must be one of {EXTRA_REPRESENTATIVES}, got {extra_representatives!r}")
+            raise UsageError(f"extra_representatives must be one of {EXTRA_REPRESENTATIVES}, got {extra_representatives!r}")
         if prefix_broadcast not in PREFIX_BROADCASTS:
-            raise ValueError(f"prefix_broadcast must be one of {PREFIX_BROADCASTS}, got {prefix_broadcast!r}")
+            raise UsageError(f"prefix_broadcast must be one of {PREFIX_BROADCASTS}, got {prefix_broadcast!r}")
         self.extra_representatives = extra_representatives
         self.prefix_broadcast = prefix_broadcast
         self.num_heads = num_heads
@@ -114,6 +135,14 @@ class CBSAMixer(nn.Module):
         self.log_temperature = nn.Parameter(torch.zeros(2, num_heads))
         if self.contraction:
             self.gamma = nn.Parameter(torch.zeros(num_heads))
+
+    @classmethod
+    def from_options(cls, num_heads: int, head_dim: int, *, rep_grid: Tuple[int, int], broadcast: str = "key",
+                     scale: Optional[float] = None, extra_representatives: str = "none",
+                     prefix_broadcast: str = "all") -> "CBSAMixer":
+        """The mixer of one layer from the conversion options (every one of them applies)."""
+        return cls(num_heads, head_dim, rep_grid, broadcast=broadcast, scale=scale,
+                   extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast)
 
     def extra_repr(self) -> str:
         return (
@@ -128,17 +157,39 @@ class CBSAMixer(nn.Module):
         return Geometry(prefix, h, w, self.rep_grid, self.broadcast, self.extra_representatives,
                         self.prefix_broadcast == "own")
 
-    def step_sizes(self, dtype: torch.dtype):
+    def step_sizes(self, dtype: torch.dtype) -> StepSizes:
         """``(t0, t1, gamma, kappa)``: scaled temperatures and steps, one number per head each."""
         t = self.log_temperature.to(dtype).exp() * self.scale
         gamma = self.gamma.to(dtype) if self.contraction else None
-        return t[0], t[1], gamma, self.kappa.to(dtype)
+        return StepSizes(t[0], t[1], gamma, self.kappa.to(dtype))
 
-    def steps(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout):
-        """Every forward step (:class:`~vit2cbsa.attention.cbsa_explicit.Steps`), for analysis."""
+    def steps(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> Steps:
+        """Every forward step (:class:`~vit2cbsa.attention.cbsa_explicit.Steps`) in ``q``'s dtype, for analysis."""
         return forward_steps(q, k, v, *self.step_sizes(q.dtype), self.geometry(q.shape[-2], layout))
 
+    @torch.no_grad()
+    def maps(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], layout: TokenLayout) -> CBSAMaps:
+        """The forward steps as a :class:`~vit2cbsa.attention.base.CBSAMaps`, computed as :meth:`forward` computes
+        them (float32 for half inputs); ``v=None``: no ``V_r``, ``C``, output."""
+        work = compute_dtype(q.dtype)
+        geo = self.geometry(q.shape[-2], layout)
+        q, k = q.to(work), k.to(work)
+        with _without_autocast(q.device.type):
+            st = forward_steps(q, k, k if v is None else v.to(work), *self.step_sizes(work), geo)
+            k_r = st.kr if st.kr is not None else st.a @ k
+        v_r, c, out = (None, None, None) if v is None else (st.vr, st.cc, st.out)
+        lead, glob = extra_parts(geo.extra, geo.prefix)
+        return CBSAMaps(st.a, st.bm, st.g, st.p, k_r, v_r, c, out, self.gamma.detach() if self.contraction else None,
+                        self.kappa.detach(), geo.prefix, (geo.h, geo.w), effective_grid(self.rep_grid, geo.h, geo.w),
+                        lead, glob)
+
+    @torch.no_grad()
+    def operator(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """``E = B (I + gamma S) A`` (``B x H x N x N``): ``forward(q, k, v, layout) == kappa E V``."""
+        return self.maps(q, k, None, layout).operator()
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        """``kappa B C`` (``B x H x N x d``): the steps of the module docstring."""
         geo = self.geometry(q.shape[-2], layout)
         work = compute_dtype(q.dtype)  # float32 for float16 / bfloat16 inputs (cbsa_explicit.LOW_PRECISION)
         args = self.step_sizes(work)

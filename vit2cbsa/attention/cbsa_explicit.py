@@ -73,6 +73,15 @@ class Geometry(NamedTuple):
         return extra_parts(self.extra, self.prefix)[0] if self.own_prefix else 0
 
 
+class StepSizes(NamedTuple):
+    """Per-head numbers of the forward steps (``H`` each): scale times temperatures, and the steps."""
+
+    t0: torch.Tensor  # s e^a (extraction softmax)
+    t1: torch.Tensor  # s e^b (broadcast softmax)
+    gamma: Optional[torch.Tensor]  # contraction step (None without contraction)
+    kappa: torch.Tensor  # broadcast step
+
+
 class Steps(NamedTuple):
     """The forward steps of the module docstring (``B x H x rows x cols``)."""
 

@@ -12,16 +12,21 @@ Per head (``s = d^-1/2``, the first ``t`` tokens are prefix tokens)::
     out = kappa * (A^T / A^T 1)      V_r               broadcast="transpose"
 
 ``kappa`` is a learnable per-head step size (unconstrained sign, initialised to 1).
-Cost per head ``O(N m d)``.
+Cost per head ``O(N m d)``. The whole layer is ``out = kappa E V`` with ``E = B A`` (``B``: the broadcast
+weights above), row-stochastic.
 """
 
 from __future__ import annotations
 
 from .cbsa import CBSAMixer
+from .registry import register_variant
 
 
+@register_variant
 class ContractionFreeMixer(CBSAMixer):
-    """:class:`CBSAMixer` without the contraction among representatives."""
+    """:class:`CBSAMixer` without the contraction among representatives: ``E = B A``."""
 
+    name = "contraction_free"
+    description = "CBSA, no contraction"
+    formula = "E = BA"
     contraction = False
-    variant = "contraction_free"
