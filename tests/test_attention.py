@@ -293,7 +293,7 @@ def test_every_registered_variant_builds_and_describes_itself(variant):
     cls = VARIANTS[variant]
     assert type(mixer) is cls and isinstance(mixer, Mixer) and mixer.name == variant
     assert variant_uses_representatives(variant) is cls.uses_representatives
-    assert mixer.description and mixer.formula.startswith(("E", "normalised"))
+    assert mixer.description and mixer.formula
     if cls.uses_representatives:  # every option reaches a representative mixer
         assert (mixer.rep_grid, mixer.broadcast, mixer.scale, mixer.extra_representatives) == ((3, 2), "query", 0.3,
                                                                                                 "global")
@@ -312,7 +312,8 @@ def test_operator_and_maps_are_the_mixers_own_forward_steps(variant, broadcast):
         out = mixer(q, k, v, layout)
     e = mixer.operator(q, k, layout)
     assert e.shape == (B, H, n, n) and not e.requires_grad
-    torch.testing.assert_close(mixer.kappa.detach().view(1, -1, 1, 1) * (e @ v), out)
+    kappa = getattr(mixer, "kappa", None)  # the per-head step, 1 for a mixer without one
+    torch.testing.assert_close((1.0 if kappa is None else kappa.detach().view(1, -1, 1, 1)) * (e @ v), out)
     if mixer.uses_representatives:
         maps = mixer.maps(q, k, v, layout)
         m = PREFIX + 3 * 2
