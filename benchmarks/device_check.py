@@ -53,15 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed.py, next to this file
+import speed  # speed.py, next to this file
 
-import speed  # noqa: E402
-
-import vit2cbsa  # noqa: E402
-from vit2cbsa.adapters import ConvertedAttention  # noqa: E402
-from vit2cbsa.attention import CBSAMixer, build_mixer  # noqa: E402
-from vit2cbsa.layout import TokenLayout, representatives  # noqa: E402
-from vit2cbsa.measure import time_repeats  # noqa: E402
+import vit2cbsa
+from vit2cbsa.adapters import ConvertedAttention
+from vit2cbsa.attention import CBSAMixer, build_mixer
+from vit2cbsa.layout import TokenLayout, representatives
+from vit2cbsa.measure import time_repeats
 
 RESULTS = Path(__file__).parent / "results" / "device_check"
 

@@ -40,12 +40,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import vit2cbsa  # noqa: E402
-from vit2cbsa import zoo  # noqa: E402
-from vit2cbsa.analysis import (  # noqa: E402
+import vit2cbsa
+from vit2cbsa import zoo
+from vit2cbsa.analysis import (
     compress_synthetic,
     explain,
     layer_coding_rates,
@@ -55,8 +52,10 @@ from vit2cbsa.analysis import (  # noqa: E402
     robustness_curve,
     union_of_subspaces,
 )
-from vit2cbsa.measure import accuracy  # noqa: E402
-from vit2cbsa.train import AttentionAligner, align_attention  # noqa: E402
+from vit2cbsa.measure import accuracy
+from vit2cbsa.train import AttentionAligner, align_attention
+
+REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = {"cbsa": ("cbsa", 16), "contraction_free": ("contraction_free", 16), "linear": ("linear", 16)}
 

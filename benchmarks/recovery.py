@@ -27,9 +27,9 @@ Cost: measured with ``--estimate`` on this 2-core machine while other jobs were 
 2026-11-23 (0.9-1.2 s per fine-tuning step, 0.6-0.8 s per alignment step) and the two runs without alignment
 added later (``--only linear_noalign,cbsa_lora_noalign --reuse``) 12 min, so about 52 min in all; run ``--estimate`` to check before launching.
 
-The training is :func:`vit2cbsa.train.finetune.run` (one run per line above, each in its own folder
+The training is :func:`vit2cbsa.train.run` (one run per line above, each in its own folder
 under ``--work-dir``, resumable: relaunching the same command continues an interrupted run and does
-not redo finished ones). ``finetune.run`` evaluates on one evaluation set only, so the training
+not redo finished ones). ``vit2cbsa.train.run`` evaluates on one evaluation set only, so the training
 curves (every ``--eval-every`` steps) use a fixed random subset of ``--eval-subset`` test images
 (``max_eval_samples``: ``subset_indices(10000, 1000, seed)``), and this script measures the final
 numbers itself on all 10,000 test images from the saved weights: the converted model at
@@ -64,24 +64,22 @@ import shutil
 import sys
 import tarfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import torch
+from safetensors.torch import load_file
+
+from vit2cbsa import zoo
+from vit2cbsa.measure import feature_cosine
+from vit2cbsa.train import FinetuneConfig, run
+from vit2cbsa.train.align import AttentionAligner
+from vit2cbsa.train.config import parse_representatives
+from vit2cbsa.train.data import load_image_data, subset_indices, teacher_transforms
+from vit2cbsa.train.loading import converted_copy
+from vit2cbsa.train.lora import apply_lora, lora_targets
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-from vit2cbsa import zoo  # noqa: E402
-from vit2cbsa.convert import convert  # noqa: E402
-from vit2cbsa.measure import feature_cosine  # noqa: E402
-from vit2cbsa.train.align import AttentionAligner  # noqa: E402
-from vit2cbsa.train.data import load_image_data, subset_indices, teacher_transforms  # noqa: E402
-from vit2cbsa.train.finetune import (_RESUMABLE_CHANGES, FinetuneConfig, apply_lora, lora_targets,  # noqa: E402
-                                     parse_layers, parse_representatives, run)
-
 RUN_NAMES = ("cbsa", "contraction_free", "linear", "cbsa_noalign", "linear_noalign", "cbsa_lora",
              "cbsa_lora_noalign", "hybrid_cbsa")
 # (with alignment, without): the same run but for the alignment stage, whose steps go to fine-tuning instead
@@ -141,7 +139,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--keep-checkpoints", action="store_true",
                     help="keep each run's training checkpoints (default: deleted once the run is finished and measured)")
     ap.add_argument("--estimate", action="store_true",
-                    help="time a few alignment / fine-tuning steps of every planned run (through finetune.run, "
+                    help="time a few alignment / fine-tuning steps of every planned run (through vit2cbsa.train.run, "
                          "in --work-dir/estimate) and the evaluations, print the projected wall time of the full "
                          "benchmark with these settings, and exit (a few minutes)")
     ap.add_argument("--smoke", action="store_true",
@@ -217,7 +215,7 @@ def snapshot_teacher(work_dir: Path) -> Tuple[Path, str]:
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, dest)
-    zoo.TEACHER_DIR = dest  # finetune.run -> load_model -> zoo.load_cifar10_teacher reads this
+    zoo.TEACHER_DIR = dest  # vit2cbsa.train.run -> load_model -> zoo.load_cifar10_teacher reads this
     return dest, digest
 
 
@@ -241,7 +239,7 @@ class TestSet:
             xs.append(tf(img.convert("RGB")))
             ys.append(int(y))
         self.x, self.y = torch.stack(xs), torch.tensor(ys)
-        # the subset finetune.run evaluates on during training (same function, same seed)
+        # the subset vit2cbsa.train.run evaluates on during training (same function, same seed)
         sub = subset_indices(self.n_total, eval_subset, seed)
         pos = {j: k for k, j in enumerate(self.indices)}
         self.subset_pos = None if sub is None else [pos[j] for j in sub if j in pos]
@@ -283,14 +281,9 @@ class TestSet:
 DESIGN = {}  # the representative design of this launch: broadcast, extra_representatives, prefix_broadcast
 
 
-def converted_copy(teacher: torch.nn.Module, variant: str, reps, layers: Optional[str]) -> torch.nn.Module:
-    """The converted student exactly as ``finetune.run`` builds it (the conversion is deterministic)."""
-    return convert(copy.deepcopy(teacher), variant, parse_representatives(reps), parse_layers(layers), **DESIGN)
-
-
-def count_trainable(teacher: torch.nn.Module, variant: str, reps, layers: Optional[str], lora_rank: int) -> dict:
-    """Parameters each stage trains, counted with the objects ``finetune.run`` uses."""
-    student = converted_copy(teacher, variant, reps, layers)
+def count_trainable(teacher: torch.nn.Module, config: FinetuneConfig) -> dict:
+    """Parameters each stage trains, counted with the objects ``vit2cbsa.train.run`` uses."""
+    student = converted_copy(teacher, config)
     total = sum(p.numel() for p in student.parameters())
     t_copy = copy.deepcopy(teacher)
     aligner = AttentionAligner(student, t_copy, "attention")
@@ -298,8 +291,8 @@ def count_trainable(teacher: torch.nn.Module, variant: str, reps, layers: Option
     new = sum(p.numel() for p in aligner.new)
     aligner.remove()
     student.requires_grad_(True)
-    if lora_rank > 0:
-        peft_model = apply_lora(student, lora_targets(student, "timm", None), ["head"], lora_rank)
+    if config.lora_rank > 0:
+        peft_model = apply_lora(student, lora_targets(student), ["head"], config.lora_rank)
         ft = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     else:
         ft = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -342,11 +335,9 @@ def make_config(args, spec: dict, out_dir: Path, data_dir: Path, **overrides) ->
 
 
 def prepare_run_dir(out_dir: Path, config: FinetuneConfig, teacher_sha: str) -> None:
-    """Discard a run folder made with another teacher or other settings (finetune.run would refuse it or,
+    """Discard a run folder made with another teacher or other settings (vit2cbsa.train.run would refuse it or,
     for another teacher, return its stale result)."""
-    key = {"teacher_sha256": teacher_sha,
-           "config": json.loads(json.dumps({k: v for k, v in asdict(config).items() if k not in _RESUMABLE_CHANGES},
-                                           default=str))}
+    key = {"teacher_sha256": teacher_sha, "config": config.fingerprint()}
     key_file = out_dir / "recovery_key.json"
     if out_dir.exists():
         old = json.loads(key_file.read_text()) if key_file.is_file() else None
@@ -443,21 +434,21 @@ def do_run(name: str, spec: dict, args, data_dir: Path, teacher: torch.nn.Module
 
     key = (spec["variant"], spec["layers"])
     if key not in init_cache:
-        init_cache[key] = test.measure(converted_copy(teacher, spec["variant"], args.representatives, spec["layers"]))
+        init_cache[key] = test.measure(converted_copy(teacher, config))
     res = {"init": init_cache[key]}
     if spec["align_steps"]:
         w = aligned_weights(run_dir)
         if w is None:
             raise RuntimeError(f"{run_dir}: no end-of-alignment checkpoint (was it deleted? rerun with a fresh --work-dir)")
-        student = converted_copy(teacher, spec["variant"], args.representatives, spec["layers"])
+        student = converted_copy(teacher, config)
         student.load_state_dict(load_file(str(w)), strict=True)
         res["aligned"] = test.measure(student)
-    student = converted_copy(teacher, spec["variant"], args.representatives, spec["layers"])
+    student = converted_copy(teacher, config)
     student.load_state_dict(load_file(final["weights"]), strict=True)
     res["final"] = test.measure(student)
     if not args.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    # cross-check: our measurement on finetune.run's eval subset must give run's own numbers
+    # cross-check: our measurement on vit2cbsa.train.run's eval subset must give run's own numbers
     consistency = {}
     if test.subset_pos is not None and test.subset_complete:
         consistency["final"] = (res["final"]["accuracy_eval_subset"], final["converted_accuracy"])
@@ -470,12 +461,11 @@ def do_run(name: str, spec: dict, args, data_dir: Path, teacher: torch.nn.Module
         for k, (ours, theirs) in consistency.items():
             if abs(ours - theirs) > 2.5 / args.eval_subset:  # allow a couple of numerical argmax ties
                 log(f"WARNING run {name}: {k} accuracy on the eval subset measured here {ours:.4f} != "
-                    f"finetune.run's {theirs:.4f}")
+                    f"vit2cbsa.train.run's {theirs:.4f}")
     out = dict(
         name=name, **spec, representatives=str(args.representatives),
         full_finetune=spec["lora_rank"] == 0,
-        trainable_params=count_trainable(teacher, spec["variant"], args.representatives, spec["layers"],
-                                         spec["lora_rank"]),
+        trainable_params=count_trainable(teacher, config),
         test=res, consistency_eval_subset_ours_vs_run=consistency, curve=metrics["curve"], stages=metrics["stages"],
         wall_s_this_launch=round(wall, 1), run_seconds_reported=final.get("seconds_this_launch"),
         eval_subset_original_accuracy=final["original_accuracy"],
@@ -745,7 +735,7 @@ def plot(result: dict, path: Path) -> None:
 
 def estimate(args, data_dir: Path, teacher: torch.nn.Module, tsha: str, test: TestSet, teacher_eval_s: float,
              t_setup: float) -> dict:
-    """Project the full benchmark's wall time from a few real steps of each kind of run (finetune.run with
+    """Project the full benchmark's wall time from a few real steps of each kind of run (vit2cbsa.train.run with
     ``log_every=1``; per-step times from metrics.jsonl, the first step -- data-loader start -- excluded)."""
     specs = run_specs(args)
     probe_align, probe_ft, probe_eval = 4, 5, 256

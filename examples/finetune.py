@@ -48,79 +48,18 @@ whole split.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import List, Optional
 
-from vit2cbsa.train.data import BadImageError, DataError
-from vit2cbsa.train.finetune import FinetuneConfig, UsageError, run
+from vit2cbsa.errors import BadImageError, DataError, UsageError
+from vit2cbsa.train import FinetuneConfig, run
+from vit2cbsa.train.config import add_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = FinetuneConfig.__dataclass_fields__
-    default = {k: f.default for k, f in d.items()}
+    """One option per :class:`~vit2cbsa.train.FinetuneConfig` field, with the field's help."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = ap.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="cifar10-teacher | timm:NAME | hf:ID | local transformers folder")
-    g.add_argument("--checkpoint", help="local timm weights (.safetensors/.pth) for --model timm:NAME")
-    g.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON kwargs for timm.create_model")
-    g.add_argument("--dataset", required=True, help="image folder (train/ + val|test/) or datasets.load_dataset name")
-    g.add_argument("--train-split")
-    g.add_argument("--eval-split")
-    g.add_argument("--max-train-samples", type=int)
-    g.add_argument("--max-eval-samples", type=int)
-    g.add_argument("--eval-subset", type=int, default=default["eval_subset"],
-                   help="images (a fixed random subset of the evaluation split) for the evaluations during "
-                        "training: before it, every --eval-every steps, at the end of each stage; the final "
-                        "evaluation uses the whole split; 0: always the whole split (default %(default)s)")
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="replace an unreadable image by the next readable one (training) or leave it out "
-                        "(evaluation), counted in metrics.jsonl / final.json; default: stop with an error naming it")
-    g.add_argument("--num-workers", type=int, default=default["num_workers"])
-    g.add_argument("--out", "--output-dir", dest="output_dir", required=True,
-                   help="output folder; locked (OUT/run.lock) while a run uses it, see above")
-    g = ap.add_argument_group("conversion (vit2cbsa.convert)")
-    g.add_argument("--variant", default=default["variant"], help="cbsa | contraction_free | linear")
-    g.add_argument("--representatives", default=str(default["representatives"]), help="count (64) or grid (8x8)")
-    g.add_argument("--layers", help="which attention layers: '6:' (slice), '0,2,4', '-1'; default all")
-    g.add_argument("--broadcast", default=default["broadcast"], help="key | query | transpose")
-    g.add_argument("--extra-representatives", default=default["extra_representatives"],
-                   help="prefix (each class/register token its own representative) | global | none")
-    g.add_argument("--prefix-broadcast", default=default["prefix_broadcast"],
-                   help="own (a prefix token reads only its own representative) | all")
-    g = ap.add_argument_group("stage 1: attention alignment")
-    g.add_argument("--align-steps", type=int, default=0)
-    g.add_argument("--align-lr", type=float, default=default["align_lr"])
-    g.add_argument("--align-pretrained-lr", type=float, help="lr of the pretrained q/k/v/o (default align-lr/10)")
-    g.add_argument("--align-trainable", default=default["align_trainable"], choices=["attention", "new"])
-    g = ap.add_argument_group("stage 2: supervised fine-tuning")
-    g.add_argument("--finetune-steps", type=int, default=0)
-    g.add_argument("--lr", type=float, default=default["lr"])
-    g.add_argument("--weight-decay", type=float, default=default["weight_decay"])
-    g.add_argument("--lora-rank", type=int, default=0,
-                   help="0: train the whole model; N > 0: rank-N LoRA adapters on the attention projections")
-    g.add_argument("--lora-alpha", type=float)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", type=lambda s: [t for t in s.split(",") if t],
-                   help="comma-separated module names (suffixes); default: the attention projections")
-    g.add_argument("--distill-weight", type=float, default=0.0, help="weight of KL to the original's logits")
-    g.add_argument("--temperature", type=float, default=default["temperature"])
-    g = ap.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=default["batch_size"], help="global batch per optimizer step")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--warmup-ratio", type=float, default=default["warmup_ratio"])
-    g.add_argument("--max-grad-norm", type=float, default=default["max_grad_norm"])
-    g.add_argument("--eval-batch-size", type=int, help="per process")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16", "fp8"],
-                   help="default: from `accelerate config` / `accelerate launch --mixed_precision`")
-    g.add_argument("--cpu", action="store_true", help="force CPU")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint-every", type=int, default=default["checkpoint_every"])
-    g.add_argument("--keep-checkpoints", type=int, default=default["keep_checkpoints"])
-    g.add_argument("--log-every", type=int, default=default["log_every"])
-    g.add_argument("--eval-every", type=int, default=0)
-    g.add_argument("--stop-after-step", type=int, help=argparse.SUPPRESS)  # testing: simulate a kill
-    return ap
+    return add_arguments(ap)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

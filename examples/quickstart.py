@@ -3,7 +3,7 @@ and measure what changed (offline, CPU, a few minutes).
 
 The 1,000 embedded CIFAR-10 test images are split in two: 50 per class to train on, the other 50
 per class to evaluate on (they are written once as a small image folder in a temporary directory,
-so the run goes through the same ``vit2cbsa.train.finetune`` pipeline as
+so the run goes through the same ``vit2cbsa.train.run`` pipeline as
 ``accelerate launch examples/finetune.py``). For each variant (cbsa, contraction_free, linear):
 
   1. convert a copy of the teacher (16 pooled representatives = a 4x4 grid on its 8x8 patch grid, plus
@@ -38,7 +38,7 @@ from safetensors.torch import load_file
 
 import vit2cbsa
 from vit2cbsa.measure import accuracy, count_flops, feature_cosine, time_side_by_side
-from vit2cbsa.train.finetune import FinetuneConfig, run
+from vit2cbsa.train import FinetuneConfig, run
 from vit2cbsa.zoo import cifar10_samples, load_cifar10_teacher, normalize
 
 

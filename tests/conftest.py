@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,3 +71,15 @@ FAMILIES = [
 @pytest.fixture(params=FAMILIES, ids=[f.name for f in FAMILIES])
 def family(request) -> Family:
     return request.param
+
+
+# --------------------------------------------------------------------------- fine-tuning (tests/helpers.py)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny image folder (``data/``) and a tiny timm ViT checkpoint (``tiny.safetensors``) with sharpened
+    attention, per test module (:func:`helpers.make_assets`)."""
+    from helpers import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("ft_assets"))

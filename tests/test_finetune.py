@@ -1,4 +1,4 @@
-"""examples/finetune.py and vit2cbsa.train.finetune: 2-process launch, kill-and-resume, LoRA, bad input.
+"""examples/finetune.py and vit2cbsa.train.run: 2-process launch, kill-and-resume, LoRA, bad input.
 
 A tiny timm ViT saved as a local safetensors checkpoint and 4 classes x (12 train + 4 val)
 generated 32x32 PNGs. In-process runs go through the CLI's own parser; the 2-process run
@@ -8,7 +8,6 @@ SIGKILLed run are subprocesses.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,51 +16,18 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import vit2cbsa
-from vit2cbsa.train import finetune
+from vit2cbsa.train import loop
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "finetune.py"
-TINY_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+from helpers import ROOT, SCRIPT, TINY_KW, free_port, jsonl, load_script, run_cli, subprocess_env, tiny_timm
 
-_spec = importlib.util.spec_from_file_location("finetune_cli", SCRIPT)
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
-
-
-def _tiny_timm(**kw):
-    import timm
-
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_KW, **kw})
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft_assets")
-    rng = np.random.default_rng(0)
-    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
-    for split, n in (("train", 12), ("val", 4)):
-        for c, colour in enumerate(colours):
-            d = root / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.clip(np.array(colour)[None, None] + rng.normal(0, 50, (32, 32, 3)), 0, 255)
-                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
-    torch.manual_seed(0)
-    model = _tiny_timm()
-    with torch.no_grad():  # sharper attention than random init, so alignment has something to fit
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(6.0)
-    save_file(model.state_dict(), str(root / "tiny.safetensors"))
-    return root
+cli = load_script("finetune_cli")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,22 +47,7 @@ def _argv(assets, out, *extra):
 
 
 def _run(argv):
-    return finetune.run(finetune.FinetuneConfig(**vars(cli.build_parser().parse_args(argv))))
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _lines(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return run_cli(cli, argv)
 
 
 # 48 train images, global batch 8 = 4 per step x 2 accumulation: 6 steps per epoch, so the
@@ -124,10 +75,10 @@ def test_two_process_launch_runs_both_stages(assets, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (its simple launcher; several CPU
     # processes need mpirun); `--multi_gpu` starts 2 via torchrun, and the script's --cpu keeps them on CPU (gloo)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), str(SCRIPT),
            *_argv(assets, out, "--align-steps", "3", "--finetune-steps", "3", "--batch-size", "8", "--grad-accum", "2",
                   "--checkpoint-every", "2", "--lora-rank", "4", "--distill-weight", "0.5")]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_5", "step_6"]  # align: 2, 3; finetune: 2 (global 5), 3 (global 6); keep 2
@@ -135,7 +86,7 @@ def test_two_process_launch_runs_both_stages(assets, tmp_path):
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl",
             "progress.json"} <= {p.name for p in last.iterdir()}
     assert json.loads((last / "progress.json").read_text())["stage"] == "finetune"
-    metrics = _lines(out / "metrics.jsonl")
+    metrics = jsonl(out / "metrics.jsonl")
     losses = [(r["stage"], r["step"]) for r in metrics if "loss" in r]
     assert losses == [("align", 1), ("align", 2), ("align", 3), ("finetune", 1), ("finetune", 2), ("finetune", 3)]
     assert all(np.isfinite(r["loss"]) and "lr" in r and "time" in r for r in metrics if "loss" in r)
@@ -145,7 +96,7 @@ def test_two_process_launch_runs_both_stages(assets, tmp_path):
     assert not (out / "run.lock").exists()  # the main process took the lock and released it
     assert 0 <= final["original_accuracy"] <= 1 and 0 <= final["converted_accuracy"] <= 1
     # the merged LoRA weights load into a freshly converted model under the plain names
-    student = vit2cbsa.convert(_tiny_timm(), "cbsa", 4)
+    student = vit2cbsa.convert(tiny_timm(), "cbsa", 4)
     student.load_state_dict(load_file(str(out / "final" / "model.safetensors")), strict=True)
 
 
@@ -158,7 +109,7 @@ def test_launch_with_dynamo_backend_compiles_and_saves_the_plain_model(assets, t
     out = tmp_path / "compiled"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "aot_eager", str(SCRIPT), *_argv(assets, out, *args)]
-    proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((out / "final.json").read_text())["final_format"] == "vit2cbsa"
     got, want = (load_file(str(d / "final" / "model.safetensors")) for d in (out, eager))
@@ -180,7 +131,7 @@ def test_stop_after_checkpoint_then_resume_gives_identical_weights(assets, refer
     def hard_exit(code):
         raise _Killed(code)
 
-    monkeypatch.setattr(finetune, "_hard_exit", hard_exit)
+    monkeypatch.setattr(loop, "_hard_exit", hard_exit)
     # global step 8 = fine-tuning step 5; the newest checkpoint is then fine-tuning step 4 (mid-epoch)
     with pytest.raises(_Killed):
         _run(_argv(assets, out, *RESUME, "--stop-after-step", "8"))
@@ -188,14 +139,14 @@ def test_stop_after_checkpoint_then_resume_gives_identical_weights(assets, refer
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_5", "step_7"]
     progress = json.loads((out / "checkpoints" / "step_7" / "progress.json").read_text())
     assert progress == {**progress, "stage": "finetune", "stage_step": 4, "epoch": 0, "step_in_epoch": 4}
-    assert max(r["global_step"] for r in _lines(out / "metrics.jsonl")) == 8
+    assert max(r["global_step"] for r in jsonl(out / "metrics.jsonl")) == 8
 
     result = _run(_argv(assets, out, *RESUME))  # the same command again
     _assert_same_weights(ref_weights, load_file(str(out / "final" / "model.safetensors")))
     assert result["converted_accuracy"] == ref_result["converted_accuracy"]
     # the metrics are those of one run: step 8 logged once, with the uninterrupted run's loss
-    ref_metrics = _lines(reference[0] / "metrics.jsonl")
-    got = _lines(out / "metrics.jsonl")
+    ref_metrics = jsonl(reference[0] / "metrics.jsonl")
+    got = jsonl(out / "metrics.jsonl")
     assert [(r["stage"], r["step"], r.get("loss")) for r in got] == [(r["stage"], r["step"], r.get("loss")) for r in ref_metrics]
     # a finished run is not redone
     assert _run(_argv(assets, out, *RESUME)) == json.loads((out / "final.json").read_text())
@@ -203,7 +154,7 @@ def test_stop_after_checkpoint_then_resume_gives_identical_weights(assets, refer
 
 def test_sigkill_mid_run_then_resume_gives_identical_weights(assets, reference, tmp_path, capsys):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_argv(assets, out, *RESUME)], env=_env(), cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *_argv(assets, out, *RESUME)], env=subprocess_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
@@ -233,7 +184,7 @@ def killed(assets, tmp_path_factory):
         raise _Killed(code)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(finetune, "_hard_exit", hard_exit)
+        mp.setattr(loop, "_hard_exit", hard_exit)
         with pytest.raises(_Killed):
             _run(_argv(assets, out, *RESUME, "--stop-after-step", "8"))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_5", "step_7"]
@@ -263,8 +214,8 @@ def test_resume_skips_a_truncated_newest_checkpoint(assets, reference, killed, t
     assert "resumed finetune at step 2/12" in printed
     assert (out / "checkpoints" / "invalid_step_7" / damaged).stat().st_size == len(data) // 2
     _assert_same_weights(reference[2], load_file(str(out / "final" / "model.safetensors")))
-    ref_metrics = _lines(reference[0] / "metrics.jsonl")
-    got = _lines(out / "metrics.jsonl")
+    ref_metrics = jsonl(reference[0] / "metrics.jsonl")
+    got = jsonl(out / "metrics.jsonl")
     assert [(r["stage"], r["step"], r.get("loss")) for r in got] == \
         [(r["stage"], r["step"], r.get("loss")) for r in ref_metrics]
 
@@ -384,7 +335,7 @@ def test_final_folder_loads_with_from_pretrained(assets, tmp_path):
     # the dataset's class names travel with the weights
     assert list(loaded.pretrained_cfg["label_names"]) == ["class0", "class1", "class2", "class3"]
     x = torch.randn(2, 3, 32, 32)
-    reference = _tiny_timm(drop_path_rate=0.1)
+    reference = tiny_timm(drop_path_rate=0.1)
     vit2cbsa.convert(reference, "cbsa", 4)
     reference.load_state_dict(weights)
     with torch.no_grad():

@@ -8,7 +8,6 @@ network (``datasets.load_dataset`` is made to fail loudly where a test must not 
 from __future__ import annotations
 
 import builtins
-import importlib.util
 import io
 import json
 import os
@@ -23,27 +22,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
+from vit2cbsa.errors import BadImageError, UsageError
 from vit2cbsa.train import data as data_mod
-from vit2cbsa.train import finetune
-from vit2cbsa.train.data import BadImageError, TransformedDataset
-from vit2cbsa.train.lock import LOCK_NAME, LockHeld, OutputLock, pid_alive
+from vit2cbsa.train import loop
+from vit2cbsa.train.data import TransformedDataset
+from vit2cbsa.train.lock import LOCK_NAME, OutputLock, pid_alive
+from vit2cbsa.train.metrics import StageClock
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "finetune.py"
-TINY_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
+from helpers import ROOT, SCRIPT, TINY_KW, image_folder, jsonl, load_script, make_assets, run_cli, subprocess_env
 
-_spec = importlib.util.spec_from_file_location("finetune_cli_robust", SCRIPT)
-cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cli)
-
-COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
-
-
-def _png(path: Path, colour, rng) -> None:
-    img = np.clip(np.array(colour)[None, None] + rng.normal(0, 50, (32, 32, 3)), 0, 255)
-    Image.fromarray(img.astype(np.uint8)).save(path)
+cli = load_script("finetune_cli_robust")
 
 
 def _jpeg_bytes(rng) -> bytes:
@@ -59,29 +48,10 @@ BAD_KINDS = {
 }
 
 
-def _image_folder(root: Path, n_train: int, n_val: int, classes: int = 4, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c in range(classes):
-            d = root / split / f"class{c}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                _png(d / f"{i}.png", COLOURS[c], rng)
-    return root
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust_assets")
-    _image_folder(root / "data", 12, 4)
-    import timm
-
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KW)
-    save_file(model.state_dict(), str(root / "tiny.safetensors"))
-    return root
-
-
+    """As conftest's, with the tiny ViT's attention as initialised."""
+    return make_assets(tmp_path_factory.mktemp("robust_assets"), sharpen=False)
 
 
 @pytest.fixture
@@ -102,16 +72,7 @@ def _argv(assets, out, *extra, dataset=None):
 
 
 def _run(argv):
-    return finetune.run(finetune.FinetuneConfig(**vars(cli.build_parser().parse_args(argv))))
-
-
-def _lines(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return run_cli(cli, argv)
 
 
 def _dead_pid() -> int:
@@ -136,7 +97,7 @@ def test_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
     info = json.loads((tmp_path / LOCK_NAME).read_text())
     assert info["host"] == socket.gethostname() and info["pid"] == os.getpid() and info["started"]
     assert info["command"] == "first run"
-    with pytest.raises(LockHeld) as e:
+    with pytest.raises(UsageError) as e:
         OutputLock(tmp_path).acquire()
     msg = str(e.value)
     assert "\n" not in msg and f"host {socket.gethostname()}" in msg and f"pid {os.getpid()}" in msg
@@ -172,7 +133,7 @@ def test_lock_of_a_run_with_a_live_worker_is_not_stale(tmp_path):
         (tmp_path / LOCK_NAME).write_text(json.dumps({
             "host": here, "pid": dead, "started": "t",
             "processes": [{"host": here, "pid": dead}, {"host": here, "pid": sleeper.pid}]}))
-        with pytest.raises(LockHeld, match=rf"kill {sleeper.pid}"):
+        with pytest.raises(UsageError, match=rf"kill {sleeper.pid}"):
             OutputLock(tmp_path).acquire()
     finally:
         sleeper.kill()
@@ -190,15 +151,15 @@ def test_lock_with_a_reused_pid_is_stale(tmp_path):
 
 def test_lock_of_another_host_is_never_taken_over(tmp_path):
     (tmp_path / LOCK_NAME).write_text(json.dumps({"host": "some-other-node", "pid": _dead_pid(), "started": "t"}))
-    with pytest.raises(LockHeld, match="some-other-node, which cannot be checked from here; if that run is over, "
-                                       "delete"):
+    with pytest.raises(UsageError, match="some-other-node, which cannot be checked from here; if that run is over, "
+                                         "delete"):
         OutputLock(tmp_path).acquire()
 
 
 def test_unreadable_lock_waits_while_young_and_is_taken_over_when_old(tmp_path):
     path = tmp_path / LOCK_NAME
     path.write_text('{"host": "x", "pi')  # cut short by a kill while being written
-    with pytest.raises(LockHeld, match="being written by another run"):
+    with pytest.raises(UsageError, match="being written by another run"):
         OutputLock(tmp_path).acquire(attempts=2)
     old = time.time() - 3600
     os.utime(path, (old, old))
@@ -217,7 +178,7 @@ def test_run_takes_the_lock_releases_it_and_takes_over_a_stale_one(assets, tmp_p
     assert f"taking over the stale lock {out / LOCK_NAME} (host {socket.gethostname()}, pid {dead}" in \
         capsys.readouterr().out
     assert not (out / LOCK_NAME).exists()
-    assert [r["stage"] for r in _lines(out / "metrics.jsonl")].count("start") == 1
+    assert [r["stage"] for r in jsonl(out / "metrics.jsonl")].count("start") == 1
 
 
 def test_second_run_on_a_busy_folder_refuses_and_a_sigkilled_launcher_leaves_its_worker_holding_it(
@@ -231,7 +192,7 @@ def test_second_run_on_a_busy_folder_refuses_and_a_sigkilled_launcher_leaves_its
     log = (tmp_path / "a.log").open("w")
     launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
                                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                                 str(SCRIPT), *args], env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                                 str(SCRIPT), *args], env=subprocess_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     worker = None
     try:
         deadline = time.time() + 180
@@ -252,7 +213,7 @@ def test_second_run_on_a_busy_folder_refuses_and_a_sigkilled_launcher_leaves_its
         assert cli.main(args) == 2
         err = _one_line_error(capsys)
         assert f"pid {worker}" in err and f"kill {worker}" in err and "SIGKILLed `accelerate launch`" in err
-        starts = [r for r in _lines(out / "metrics.jsonl") if r["stage"] == "start"]
+        starts = [r for r in jsonl(out / "metrics.jsonl") if r["stage"] == "start"]
         assert len(starts) == 1  # only A wrote
     finally:
         if launcher.poll() is None:
@@ -273,7 +234,7 @@ def test_second_run_on_a_busy_folder_refuses_and_a_sigkilled_launcher_leaves_its
 
 
 def _bad_folder(root: Path, kind: str, where: str = "val") -> Path:
-    _image_folder(root, 2, 1, classes=2)
+    image_folder(root, 2, 1, classes=2)
     bad = root / where / "class1" / "broken.jpg"
     bad.write_bytes(BAD_KINDS[kind](np.random.default_rng(1)))
     return bad
@@ -324,7 +285,7 @@ def test_skipped_image_is_replaced_deterministically(tmp_path):
 
 def test_skip_bad_images_trains_counts_and_leaves_them_out_of_evaluation(assets, tmp_path, capsys):
     root = tmp_path / "data"
-    _image_folder(root, 4, 2, classes=2)  # 8 train, 4 val images
+    image_folder(root, 4, 2, classes=2)  # 8 train, 4 val images
     (root / "train" / "class0" / "0.png").write_bytes(b"")
     (root / "train" / "class1" / "1.png").write_text("not a png")
     (root / "val" / "class1" / "0.png").write_bytes(b"")
@@ -336,7 +297,7 @@ def test_skip_bad_images_trains_counts_and_leaves_them_out_of_evaluation(assets,
     result = _run([*argv, "--skip-bad-images"])  # the same command, now skipping: not refused as other settings
     assert result["bad_images_skipped"] == {"train": 4, "final_eval": 1}
     assert result["eval_images"] == 3 and result["intermediate_eval_images"] == 4
-    metrics = _lines(out / "metrics.jsonl")
+    metrics = jsonl(out / "metrics.jsonl")
     assert [r["bad_images"] for r in metrics if "loss" in r] == [2, 2]
     assert all(r["bad_images"] == 1 and r["eval_images"] == 3 for r in metrics if "eval_accuracy" in r)
     err = capsys.readouterr().err
@@ -351,7 +312,7 @@ def test_intermediate_evaluations_use_a_subset_and_the_final_one_the_whole_split
     out = tmp_path / "out"
     result = _run(_argv(assets, out, "--align-steps", "2", "--finetune-steps", "2", "--batch-size", "8",
                         "--eval-every", "1", "--eval-subset", "5"))
-    evals = [r for r in _lines(out / "metrics.jsonl") if "eval_accuracy" in r]
+    evals = [r for r in jsonl(out / "metrics.jsonl") if "eval_accuracy" in r]
     assert [(r["stage"], r["step"]) for r in evals] == [("start", 0), ("align", 1), ("align", 2),
                                                         ("finetune", 1), ("finetune", 2)]
     assert all(r["eval_images"] == 5 and r["eval_s"] >= 0 for r in evals)
@@ -367,14 +328,14 @@ def test_intermediate_evaluations_use_a_subset_and_the_final_one_the_whole_split
     # the default subset (1000) is more than this split: every evaluation on all 16
     out2 = tmp_path / "out2"
     _run(_argv(assets, out2, "--finetune-steps", "1", "--batch-size", "8"))
-    assert all(r["eval_images"] == 16 for r in _lines(out2 / "metrics.jsonl") if "eval_accuracy" in r)
+    assert all(r["eval_images"] == 16 for r in jsonl(out2 / "metrics.jsonl") if "eval_accuracy" in r)
 
 
 def test_stage_clock_keeps_pauses_out_of_the_bar_and_the_training_time():
     from tqdm import tqdm
 
     bar = tqdm(total=4, file=io.StringIO(), mininterval=0)
-    clock = finetune.StageClock(bar)
+    clock = StageClock(bar)
     bar.update(1)
     with clock.pause("eval"):
         time.sleep(0.4)
@@ -391,18 +352,18 @@ def test_stage_clock_keeps_pauses_out_of_the_bar_and_the_training_time():
 
 def test_evaluation_timing_is_not_reported_as_training(assets, tmp_path, monkeypatch):
     """A slow evaluation (a real one, then 0.5 s more) lands in the stage's eval_s, not in train_s."""
-    real = finetune._Run.evaluate
+    real = loop.FinetuneRun.evaluate
 
     def slow(self, *a, **k):
         value = real(self, *a, **k)
         time.sleep(0.5)
         return value
 
-    monkeypatch.setattr(finetune._Run, "evaluate", slow)
+    monkeypatch.setattr(loop.FinetuneRun, "evaluate", slow)
     result = _run(_argv(assets, tmp_path / "out", "--finetune-steps", "2", "--batch-size", "8", "--eval-every", "1"))
     t = result["timing"]["finetune"]
     assert t["evals"] == 2 and t["eval_s"] >= 1.0 and t["train_s"] < t["eval_s"]
-    train_s = [r["train_s"] for r in _lines(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    train_s = [r["train_s"] for r in jsonl(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert train_s[1] - train_s[0] < 0.5  # the step after an evaluation is not charged with it
 
 

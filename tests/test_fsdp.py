@@ -17,48 +17,31 @@ and several nodes (benchmarks/device_check.py covers the single-GPU kernels).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "finetune.py"
+from helpers import ROOT, SCRIPT, TINY_KW, free_port, subprocess_env, tiny_timm
+
 FSDP_CPU = ROOT / "examples" / "accelerate_fsdp_cpu.yaml"
-TINY_KW = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4)
 
 
 def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return subprocess_env(PYTHONWARNINGS="ignore")
 
 
 # --------------------------------------------------------------------------- in this process
-
-
-def _tiny_timm(**kw):
-    import timm
-
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY_KW, **kw})
 
 
 def test_wrap_policy_takes_the_blocks_and_the_converted_attention():
     import vit2cbsa
     from vit2cbsa.train.sharding import block_names, unit_classes
 
-    model = vit2cbsa.convert(_tiny_timm(depth=3), "cbsa", 4, layers="1:")
+    model = vit2cbsa.convert(tiny_timm(depth=3), "cbsa", 4, layers="1:")
     assert block_names(model) == ["blocks.1", "blocks.2"]
     # by class: the unconverted block 0 is a unit too; a class the model lacks is left out
     assert unit_classes(model, ["Mlp", "NoSuchLayer"]) == ["Block", "Mlp", "TimmConvertedAttention"]
@@ -75,9 +58,9 @@ def test_wrap_policy_takes_the_blocks_and_the_converted_attention():
     clip = vit2cbsa.convert(CLIPVisionModel(CLIPVisionConfig(**small)), "contraction_free", 4)
     assert "CLIPEncoderLayer" in unit_classes(clip)
 
-    from vit2cbsa.train.finetune import apply_lora, lora_targets
+    from vit2cbsa.train.lora import apply_lora, lora_targets
 
-    peft = apply_lora(model, lora_targets(model, "timm", None), ["head"], 2)
+    peft = apply_lora(model, lora_targets(model), ["head"], 2)
     assert block_names(peft) == ["base_model.model.blocks.1", "base_model.model.blocks.2"]
     assert unit_classes(peft) == ["Block", "TimmConvertedAttention"]
 
@@ -85,7 +68,7 @@ def test_wrap_policy_takes_the_blocks_and_the_converted_attention():
 def test_sharded_checkpoint_cut_short_is_refused(tmp_path):
     import torch.distributed.checkpoint as dcp
 
-    from vit2cbsa.train.finetune import checkpoint_problem
+    from vit2cbsa.train.checkpoints import checkpoint_problem
 
     d = tmp_path / "step_3"
     (d / "pytorch_model_fsdp_0").mkdir(parents=True)
@@ -181,7 +164,7 @@ def _worker() -> None:
 
 def test_every_variant_sharded_matches_unsharded(tmp_path):
     out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(Path(__file__)), str(out)]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -203,30 +186,6 @@ def test_every_variant_sharded_matches_unsharded(tmp_path):
 # --------------------------------------------------------------------------- 2 processes: fine-tuning under FSDP
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from PIL import Image
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("fsdp_assets")
-    rng = np.random.default_rng(0)
-    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40)]
-    for split, n in (("train", 12), ("val", 4)):
-        for c, colour in enumerate(colours):
-            d = root / "data" / split / f"class{c}"
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = np.clip(np.array(colour)[None, None] + rng.normal(0, 50, (32, 32, 3)), 0, 255)
-                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
-    torch.manual_seed(0)
-    model = _tiny_timm()
-    with torch.no_grad():
-        for blk in model.blocks:
-            blk.attn.qkv.weight.mul_(6.0)
-    save_file(model.state_dict(), str(root / "tiny.safetensors"))
-    return root
-
-
 def _args(assets, out, *extra):
     return ["--model", "timm:vit_tiny_patch16_224", "--checkpoint", str(assets / "tiny.safetensors"),
             "--model-kwargs", json.dumps(TINY_KW), "--dataset", str(assets / "data"), "--out", str(out),
@@ -238,7 +197,7 @@ def _launch(assets, out, *extra, fsdp: bool, mixed="no"):
     launcher = (["--config_file", str(FSDP_CPU)] if fsdp else
                 ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--dynamo_backend", "no"])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--mixed_precision", mixed,
-           "--main_process_port", str(_free_port()), str(SCRIPT), *_args(assets, out, *extra)]
+           "--main_process_port", str(free_port()), str(SCRIPT), *_args(assets, out, *extra)]
     return subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
 
 
@@ -335,7 +294,7 @@ def test_fsdp_bf16_transformers_lora_runs_end_to_end(assets, tmp_path):
     i = args.index("--model-kwargs")
     del args[i:i + 2]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU), "--mixed_precision",
-           "bf16", "--main_process_port", str(_free_port()), str(SCRIPT), *args]
+           "bf16", "--main_process_port", str(free_port()), str(SCRIPT), *args]
     proc = _ok(subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240))
     assert "mixed precision bf16" in proc.stdout and "2 ViTLayer" in proc.stdout and "2 HFConvertedAttention" in proc.stdout
     final = json.loads((out / "final.json").read_text())

@@ -3,7 +3,7 @@
 ``OUT/run.lock`` is a JSON file (host, pid, start time, command, and every process of the run)
 created atomically (``O_CREAT | O_EXCL``) by the main process before anything else is written to
 ``OUT``, and removed when the run ends, normally or with an error. A second run on the same folder
-refuses with a one-line message naming the holder (:class:`LockHeld`). A lock whose processes are all
+refuses with a one-line :class:`~vit2cbsa.errors.UsageError` naming the holder. A lock whose processes are all
 gone on this host (a run killed with SIGKILL, a machine that crashed and rebooted) is stale: it is
 taken over, with a message. A lock of another host cannot be checked from here: it is never taken
 over (delete it by hand once that run is over).
@@ -15,6 +15,7 @@ stopped, instead of racing them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,14 +23,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional
+
+from ..errors import UsageError, one_line
 
 LOCK_NAME = "run.lock"
 _UNREADABLE_GRACE_S = 10.0  # a lock that is empty or cut short and younger than this is being written
-
-
-class LockHeld(RuntimeError):
-    """The folder is in use by another run; the message (one line) names it."""
 
 
 def proc_start(pid: int) -> Optional[str]:
@@ -149,7 +148,8 @@ class OutputLock:
     def acquire(self, processes: Optional[List[dict]] = None, command: Optional[str] = None,
                 attempts: int = 20) -> Optional[str]:
         """Create the lock for this process (and ``processes``, every process of the run). Returns a
-        message when a stale lock was taken over; raises :class:`LockHeld` when the folder is in use."""
+        message when a stale lock was taken over; raises :class:`~vit2cbsa.errors.UsageError` when the folder is
+        in use."""
         info = {**this_process(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                 "command": command if command is not None else " ".join(sys.argv)[:2000],
                 "processes": processes or [this_process()], "token": uuid.uuid4().hex}
@@ -164,7 +164,7 @@ class OutputLock:
                     continue  # released meanwhile
                 why = self._verdict(raw)
                 if why == "live":
-                    raise LockHeld(self._held_message(raw))
+                    raise UsageError(self._held_message(raw))
                 if why == "young":
                     time.sleep(0.1)
                     continue
@@ -181,7 +181,7 @@ class OutputLock:
                 os.fsync(f.fileno())
             self.token = info["token"]
             return note
-        raise LockHeld(self._held_message(raw or b""))
+        raise UsageError(self._held_message(raw or b""))
 
     def release(self) -> None:
         """Remove the lock if it is still ours."""
@@ -194,3 +194,42 @@ class OutputLock:
         except (ValueError, UnicodeDecodeError, OSError):
             pass
         self.token = None
+
+
+@contextlib.contextmanager
+def hold_output_lock(accelerator: Any, folder: Path) -> Iterator[None]:
+    """Hold ``folder/run.lock`` for the block, for every process of an Accelerate run: taken by the main process
+    once all have started (the lock names them all) and before any goes its own way; every process raises the
+    same :class:`~vit2cbsa.errors.UsageError` when another run holds it. Released at the end, also on an error."""
+    acc = accelerator
+    me = [this_process()]
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        procs = gather_object(me)  # every process has started; none has written anything
+    else:
+        procs = me
+    lock = OutputLock(folder)
+    outcome: List[Any] = [("ok", None)]
+    if acc.is_main_process:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            outcome = [("ok", lock.acquire(procs))]
+        except UsageError as e:
+            outcome = [("held", str(e))]
+        except OSError as e:
+            outcome = [("held", f"cannot create the lock {lock.path}: {one_line(e)}")]
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome)  # the other processes wait here for the main one's lock
+    kind, message = outcome[0]
+    if kind != "ok":
+        raise UsageError(message)
+    if message:
+        acc.print(message)
+    try:
+        yield
+    finally:
+        if acc.is_main_process:
+            lock.release()
