@@ -18,7 +18,8 @@ import transformers
 from vit2cbsa.measure import flop_counter
 
 import vit2cbsa
-from vit2cbsa.cli import main, parse_grid, parse_layers, parse_resolution
+from vit2cbsa.cli import main
+from vit2cbsa.cli.parsing import parse_grid, parse_layers, parse_resolution
 from vit2cbsa.hub import CONFIG_NAME, from_pretrained, read_config, save_pretrained
 
 
@@ -88,7 +89,8 @@ def test_option_parsers():
 
 @pytest.mark.parametrize("bad", ["x", "1:2:3:4", "0,,1", "2.5"])
 def test_every_command_line_rejects_the_same_bad_layer_spec(bad):
-    from vit2cbsa.train.finetune import UsageError, parse_layers as finetune_layers
+    from vit2cbsa.errors import UsageError
+    from vit2cbsa.train.config import parse_layers as finetune_layers
     with pytest.raises(argparse.ArgumentTypeError, match="a slice such as 6:"):
         parse_layers(bad)
     with pytest.raises(UsageError, match=r"--layers: expected all, an index"):
@@ -96,7 +98,8 @@ def test_every_command_line_rejects_the_same_bad_layer_spec(bad):
 
 
 def test_finetune_parses_specs_like_the_cli():
-    from vit2cbsa.train.finetune import UsageError, parse_layers as finetune_layers, parse_representatives
+    from vit2cbsa.errors import UsageError
+    from vit2cbsa.train.config import parse_layers as finetune_layers, parse_representatives
     for spec in ("all", "6:", "0,2", "-1", "::2"):
         assert finetune_layers(spec) == parse_layers(spec)
     assert finetune_layers(None) is None

@@ -14,6 +14,7 @@ import torch
 
 import vit2cbsa
 from vit2cbsa import export
+from vit2cbsa.errors import ExportError
 from conftest import FAMILIES
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'vit2cbsa[export]')")
@@ -61,13 +62,13 @@ def test_a_wrong_export_is_caught(tmp_path, monkeypatch):
     model = _build(FAMILIES[0], "cbsa")
     real = export.run_onnx
     monkeypatch.setattr(export, "run_onnx", lambda path, images: real(path, images) + 1e-3)
-    with pytest.raises(export.ExportError, match=r"ONNX Runtime differs from eager by 0\.001 \(> 0\.0001\) at 2x32x32"):
+    with pytest.raises(ExportError, match=r"ONNX Runtime differs from eager by 0\.001 \(> 0\.0001\) at 2x32x32"):
         export.export_onnx(model, tmp_path / "model.onnx")
 
 
 def test_dynamic_size_on_a_fixed_size_model_says_what_to_do():
     model = _build(next(f for f in FAMILIES if f.name == "timm_vit_static_nonsquare"), "cbsa")
-    with pytest.raises(export.ExportError, match="runs only at its own input size.*dynamic_img_size=True"):
+    with pytest.raises(ExportError, match="runs only at its own input size.*dynamic_img_size=True"):
         export.export_program(model, dynamic_size=True)
 
 

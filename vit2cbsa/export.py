@@ -2,7 +2,7 @@
 
     import vit2cbsa.export as ex
     program = ex.export_program(model)                  # torch.export.ExportedProgram
-    torch.export.save(program, "model.pt2")
+    report = ex.save_program(model, "model.pt2")        # torch.export.save, reloaded and checked against eager
     report = ex.export_onnx(model, "model.onnx")        # torch.onnx.export(dynamo=True), checked in onnxruntime
 
 The exported graph takes images ``B x C x H x W`` and returns one tensor (:class:`ImagesToTensor`):
@@ -16,6 +16,7 @@ where the exported graph can keep them (:func:`exports_other_sizes`: timm models
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,9 @@ def export_program(model: nn.Module, example: Optional[torch.Tensor] = None, *,
 
 
 @dataclass
-class OnnxReport:
-    """What :func:`export_onnx` wrote and how its ONNX Runtime outputs compare to eager."""
+class ExportReport:
+    """What :func:`export_onnx` / :func:`save_program` wrote and how its outputs (in ONNX Runtime, or the
+    reloaded program) compare to eager."""
 
     path: Path
     dynamic_size: bool
@@ -173,7 +175,7 @@ def check_sizes(model: nn.Module, dynamic_size: bool,
 
 
 def export_onnx(model: nn.Module, path: PathLike, example: Optional[torch.Tensor] = None, *,
-                dynamic_size: Optional[bool] = None, check: bool = True, atol: float = 1e-4) -> OnnxReport:
+                dynamic_size: Optional[bool] = None, check: bool = True, atol: float = 1e-4) -> ExportReport:
     """Export to ONNX with ``torch.onnx.export(..., dynamo=True)`` and check it in ONNX Runtime.
 
     The file is checked (``check=True``) at the traced size, at another batch size and, when H and W
@@ -181,8 +183,8 @@ def export_onnx(model: nn.Module, path: PathLike, example: Optional[torch.Tensor
     (float32), else :class:`ExportError`. Weights above 2 GB go to an external data file next to it.
     """
     try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
+        for needed in ("onnx", "onnxscript"):
+            importlib.import_module(needed)
     except ImportError as e:
         raise ExportError('ONNX export needs onnx and onnxscript: pip install "vit2cbsa[export]"') from e
     path = Path(path)
@@ -198,22 +200,48 @@ def export_onnx(model: nn.Module, path: PathLike, example: Optional[torch.Tensor
     except Exception as e:
         raise ExportError(f"ONNX export of {type(wrapped.model).__name__} failed: {one_line(e, 600)}") from e
     sizes = check_sizes(model, dynamic, tuple(example.shape[-2:])) if check else ()
+    worst = _compare(wrapped, lambda images: run_onnx(path, images), sizes, atol, f"{path}: ONNX Runtime")
+    return ExportReport(path, dynamic, sizes, worst)
+
+
+def _compare(wrapped: "ImagesToTensor", run: Any, sizes: Tuple[Tuple[int, int, int], ...], atol: float,
+             what: str) -> Optional[float]:
+    """The largest ``|run(images) - eager|`` over random images of each ``(batch, H, W)`` in ``sizes`` (``None``
+    without sizes); :class:`ExportError` when a shape differs or a difference is above ``atol``."""
     worst = None
     for i, (b, h, w) in enumerate(sizes):
-        images = example_input(model, b, (h, w), seed=i + 1)
+        images = example_input(wrapped.model, b, (h, w), seed=i + 1)
         with torch.no_grad():
             want = wrapped(images).float().cpu()
-        got = run_onnx(path, images)
+            got = run(images).float().cpu()
         if got.shape != want.shape:
-            raise ExportError(f"{path}: ONNX Runtime gives shape {tuple(got.shape)} at {b}x{h}x{w}, eager "
-                              f"{tuple(want.shape)}")
+            raise ExportError(f"{what} gives shape {tuple(got.shape)} at {b}x{h}x{w}, eager {tuple(want.shape)}")
         diff = (got - want).abs().max().item()
         worst = diff if worst is None else max(worst, diff)
         if not diff <= atol:
-            raise ExportError(f"{path}: ONNX Runtime differs from eager by {diff:.3g} (> {atol}) at {b}x{h}x{w}")
-    return OnnxReport(path, dynamic, sizes, worst)
+            raise ExportError(f"{what} differs from eager by {diff:.3g} (> {atol}) at {b}x{h}x{w}")
+    return worst
 
 
-__all__ = ["ExportError", "ImagesToTensor", "OnnxReport", "accepts_other_sizes", "check_sizes", "dynamic_shapes",
-           "exports_other_sizes",
-           "example_input", "export_onnx", "export_program", "input_size", "run_onnx"]
+def save_program(model: nn.Module, path: PathLike, example: Optional[torch.Tensor] = None, *,
+                 dynamic_size: Optional[bool] = None, check: bool = True, atol: float = 1e-4) -> ExportReport:
+    """:func:`export_program`, saved with ``torch.export.save`` to ``path`` (``.pt2``) and, with ``check=True``,
+    reloaded and compared with eager at the sizes of :func:`check_sizes` (within ``atol``, else
+    :class:`ExportError`)."""
+    path = Path(path)
+    dynamic = _dynamic_size(model, dynamic_size)
+    example = example_input(model) if example is None else example
+    program = export_program(model, example, dynamic_size=dynamic)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+    sizes = check_sizes(model, dynamic, tuple(example.shape[-2:])) if check else ()
+    worst = None
+    if sizes:
+        reloaded = torch.export.load(str(path)).module()
+        worst = _compare(ImagesToTensor(model).eval(), reloaded, sizes, atol, f"{path}: the reloaded program")
+    return ExportReport(path, dynamic, sizes, worst)
+
+
+__all__ = ["ExportReport", "ImagesToTensor", "accepts_other_sizes", "check_sizes", "dynamic_shapes",
+           "example_input", "export_onnx", "export_program", "exports_other_sizes", "input_size", "run_onnx",
+           "save_program"]

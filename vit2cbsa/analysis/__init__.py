@@ -10,7 +10,7 @@
 * :mod:`.figures` -- the ``explain`` figure of those maps (:func:`plot_explanation`).
 * :mod:`.robustness` -- accuracy under Gaussian noise on the attention projections (:func:`robustness_curve`).
 * :mod:`.synthetic` -- the parameter-free linear variant of CBSA compressing a union of subspaces.
-* :mod:`.cli` -- ``vit2cbsa explain MODEL IMAGE`` (:func:`explain_main`).
+``vit2cbsa explain MODEL IMAGE`` (the command line, not part of this package) is :mod:`vit2cbsa.cli.explain`.
 """
 
 from ..attention import CBSAMaps
