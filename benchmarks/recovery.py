@@ -70,11 +70,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from safetensors.torch import load_file
 
-from vit2cbsa import zoo
+from vit2cbsa import ConversionConfig, zoo
 from vit2cbsa.measure import feature_cosine
 from vit2cbsa.train import FinetuneConfig, run
 from vit2cbsa.train.align import AttentionAligner
-from vit2cbsa.train.config import parse_representatives
 from vit2cbsa.train.data import load_image_data, subset_indices, teacher_transforms
 from vit2cbsa.train.loading import converted_copy
 from vit2cbsa.train.lora import apply_lora, lora_targets
@@ -113,10 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--representatives", default="16", help="count (16 = 4x4 grid) or grid like 4x4")
     ap.add_argument("--hybrid-layers", default="3:", help="converted layers of the hybrid run")
-    ap.add_argument("--broadcast", default=FinetuneConfig.broadcast, help="key | query | transpose")
-    ap.add_argument("--extra-representatives", default=FinetuneConfig.extra_representatives,
+    ap.add_argument("--broadcast", default=ConversionConfig.broadcast, help="key | query | transpose")
+    ap.add_argument("--extra-representatives", default=ConversionConfig.extra_representatives,
                     help="prefix | global | none (none: the pooled grid only, the design before 2026-12-01)")
-    ap.add_argument("--prefix-broadcast", default=FinetuneConfig.prefix_broadcast, help="own | all")
+    ap.add_argument("--prefix-broadcast", default=ConversionConfig.prefix_broadcast, help="own | all")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--distill-weight", type=float, default=1.0,
                     help="weight of the KL to the original's logits (1.0: no labels used)")
@@ -320,14 +319,14 @@ def run_specs(args) -> Dict[str, dict]:
 def make_config(args, spec: dict, out_dir: Path, data_dir: Path, **overrides) -> FinetuneConfig:
     kw = dict(
         model="cifar10-teacher", dataset=str(data_dir), output_dir=str(out_dir),
-        variant=spec["variant"], representatives=parse_representatives(args.representatives), layers=spec["layers"],
+        conversion=ConversionConfig(spec["variant"], args.representatives, spec["layers"], broadcast=args.broadcast,
+                                    extra_representatives=args.extra_representatives,
+                                    prefix_broadcast=args.prefix_broadcast),
         max_eval_samples=args.eval_subset, eval_subset=0, num_workers=args.num_workers,  # all of max_eval_samples
         align_steps=spec["align_steps"], align_lr=args.align_lr,
         finetune_steps=spec["finetune_steps"], lr=args.lora_lr if spec["lora_rank"] else args.lr,
         lora_rank=spec["lora_rank"], eval_batch_size=128,
         distill_weight=args.distill_weight, batch_size=args.batch_size, mixed_precision="no", cpu=True,
-        broadcast=args.broadcast, extra_representatives=args.extra_representatives,
-        prefix_broadcast=args.prefix_broadcast,
         seed=args.seed, checkpoint_every=100, keep_checkpoints=1000,  # the end-of-alignment checkpoint must survive
         log_every=1 if args.smoke else min(10, args.eval_every), eval_every=args.eval_every)
     kw.update(overrides)

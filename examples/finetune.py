@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
     try:
-        run(FinetuneConfig(**args))
+        run(FinetuneConfig.from_arguments(args))
     except (UsageError, DataError) as e:
         from accelerate import PartialState
 

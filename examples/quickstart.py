@@ -86,8 +86,8 @@ def main() -> None:
             align = args.align_steps if variant == "linear" else 0
             t0 = time.perf_counter()
             result = run(FinetuneConfig(
-                model="cifar10-teacher", dataset=str(data), output_dir=str(out), variant=variant,
-                representatives=args.representatives, align_steps=align, align_lr=1e-2,
+                model="cifar10-teacher", dataset=str(data), output_dir=str(out),
+                conversion=vit2cbsa.ConversionConfig(variant, args.representatives), align_steps=align, align_lr=1e-2,
                 finetune_steps=args.finetune_steps + args.align_steps - align, lr=1e-4, distill_weight=1.0,
                 batch_size=50,
                 num_workers=0, cpu=True, eval_every=0, checkpoint_every=10**9, log_every=10**9))

@@ -74,7 +74,7 @@ def run_cli(cli: ModuleType, argv) -> dict:
     """``vit2cbsa.train.run`` on the config the script's parser makes of ``argv`` (exceptions propagate)."""
     from vit2cbsa.train import FinetuneConfig, run
 
-    return run(FinetuneConfig(**vars(cli.build_parser().parse_args(argv))))
+    return run(FinetuneConfig.from_arguments(cli.build_parser().parse_args(argv)))
 
 
 def subprocess_env(**extra: str) -> dict:

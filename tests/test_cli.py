@@ -88,25 +88,30 @@ def test_option_parsers():
 
 
 @pytest.mark.parametrize("bad", ["x", "1:2:3:4", "0,,1", "2.5"])
-def test_every_command_line_rejects_the_same_bad_layer_spec(bad):
-    from vit2cbsa.errors import UsageError
-    from vit2cbsa.train.config import parse_layers as finetune_layers
+def test_every_command_line_rejects_the_same_bad_layer_spec(bad, capsys):
+    """vit2cbsa convert and examples/finetune.py take --layers from the same ConversionConfig field: the same
+    one-line usage error for the same bad spec."""
+    from vit2cbsa.train.config import add_arguments
     with pytest.raises(argparse.ArgumentTypeError, match="a slice such as 6:"):
         parse_layers(bad)
-    with pytest.raises(UsageError, match=r"--layers: expected all, an index"):
-        finetune_layers(bad)
+    with pytest.raises(SystemExit) as e:
+        add_arguments(argparse.ArgumentParser(prog="finetune")).parse_args(
+            ["--model", "m", "--dataset", "d", "--out", "o", "--layers", bad])
+    assert e.value.code == 2 and "argument --layers: expected all, an index" in capsys.readouterr().err
 
 
 def test_finetune_parses_specs_like_the_cli():
-    from vit2cbsa.errors import UsageError
-    from vit2cbsa.train.config import parse_layers as finetune_layers, parse_representatives
+    from vit2cbsa import ConversionConfig
+    from vit2cbsa.train import FinetuneConfig
+    from vit2cbsa.train.config import add_arguments
+    parser = add_arguments(argparse.ArgumentParser(prog="finetune"))
     for spec in ("all", "6:", "0,2", "-1", "::2"):
-        assert finetune_layers(spec) == parse_layers(spec)
-    assert finetune_layers(None) is None
-    assert parse_representatives("64") == 64 and parse_representatives("8x4") == (8, 4) and parse_representatives(16) == 16
-    assert parse_representatives([4, 2]) == (4, 2)
-    with pytest.raises(UsageError, match="--representatives: expected a count such as 64"):
-        parse_representatives("8x4x2")
+        ns = parser.parse_args(["--model", "m", "--dataset", "d", "--out", "o", "--layers", spec,
+                                "--representatives", "8x4"])
+        c = FinetuneConfig.from_arguments(ns).conversion
+        assert c == ConversionConfig(num_representatives=(8, 4), layers=parse_layers(spec))
+    ns = parser.parse_args(["--model", "m", "--dataset", "d", "--out", "o"])
+    assert FinetuneConfig.from_arguments(ns).conversion == ConversionConfig()
 
 
 def test_help_reads_like_a_man_page(capsys):

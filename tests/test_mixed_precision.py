@@ -337,7 +337,7 @@ def test_finetune_end_to_end_in_mixed_precision_on_cpu(assets, tmp_path, fresh_a
             json.dumps(TINY_KW), "--dataset", str(assets / "data"), "--out", str(out), "--representatives", "4",
             "--num-workers", "0", "--cpu", "--log-every", "1", "--batch-size", "8", "--align-steps", "2",
             "--finetune-steps", "3", "--lora-rank", "2", "--distill-weight", "0.5", "--mixed-precision", dt]
-    result = train.run(train.FinetuneConfig(**vars(cli.build_parser().parse_args(argv))))
+    result = train.run(train.FinetuneConfig.from_arguments(cli.build_parser().parse_args(argv)))
     assert result["mixed_precision"] == dt and result["final_format"] == "vit2cbsa"
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 5 and all(np.isfinite(losses))

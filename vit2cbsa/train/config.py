@@ -16,14 +16,13 @@ import argparse
 import json
 import math
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..specs import parse_grid
-from ..specs import parse_layers as parse_layer_text
+from ..config import ConversionConfig
 from ..errors import UsageError
 from .sharding import fsdp_requested, fsdp_version
 
@@ -60,14 +59,9 @@ class FinetuneConfig:
                            flags=("--out", "--output-dir"))
     checkpoint: Optional[str] = _opt(None, "local timm weights (.safetensors/.pth) for --model timm:NAME", group=_DATA)
     model_kwargs: Dict[str, Any] = _opt({}, "JSON kwargs for timm.create_model", group=_DATA, type=json.loads)
-    # conversion (vit2cbsa.convert): these fields together are the conversion (see conversion_options)
-    variant: str = _opt("cbsa", "cbsa | contraction_free | linear", group=_CONV)
-    representatives: Union[int, Tuple[int, int]] = _opt(64, "count (64) or grid (8x8)", group=_CONV, type=str)
-    layers: Optional[str] = _opt(None, "which attention layers: '6:' (slice), '0,2,4', '-1'; default all", group=_CONV)
-    broadcast: str = _opt("query", "key | query | transpose", group=_CONV)
-    extra_representatives: str = _opt("prefix", "prefix (each class/register token its own representative) | "
-                                      "global | none", group=_CONV)
-    prefix_broadcast: str = _opt("own", "own (a prefix token reads only its own representative) | all", group=_CONV)
+    #: the conversion of the student (vit2cbsa.convert); on the command line, one option per ConversionConfig field
+    conversion: ConversionConfig = field(default_factory=ConversionConfig,
+                                         metadata={"help": "the conversion", "group": _CONV})
     # data
     train_split: Optional[str] = _opt(None, "training split (default: train)", group=_DATA)
     eval_split: Optional[str] = _opt(None, "evaluation split (default: val / validation / test)", group=_DATA)
@@ -120,32 +114,40 @@ class FinetuneConfig:
     stop_after_step: Optional[int] = _opt(None, argparse.SUPPRESS, group=_TRAIN, type=int)  # testing: os._exit
 
     def __post_init__(self) -> None:
-        self.representatives = parse_representatives(self.representatives)
-        parse_layers(self.layers)
+        if isinstance(self.conversion, dict):  # as run_config.json holds it
+            self.conversion = ConversionConfig.from_dict(self.conversion)
+        if not isinstance(self.conversion, ConversionConfig):
+            raise UsageError(f"conversion must be a vit2cbsa.ConversionConfig, got {type(self.conversion).__name__}")
         validate_values(self)
-
-    def conversion_options(self) -> Dict[str, Any]:
-        """The keyword arguments of :func:`vit2cbsa.convert` for this run (variant, representatives, layers, the
-        representative design), parsed."""
-        return dict(variant=self.variant, num_representatives=parse_representatives(self.representatives),
-                    layers=parse_layers(self.layers), broadcast=self.broadcast,
-                    extra_representatives=self.extra_representatives, prefix_broadcast=self.prefix_broadcast)
 
     def fingerprint(self) -> Dict[str, Any]:
         """What must match for a relaunch to resume this run (every field but :data:`RESUMABLE_CHANGES`), as the
         JSON ``out/run_config.json`` holds it."""
-        kept = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        kept = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUMABLE_CHANGES}
+        kept["conversion"] = self.conversion.to_dict()
         return json.loads(json.dumps(kept, default=str))
+
+    @classmethod
+    def from_arguments(cls, namespace: argparse.Namespace) -> "FinetuneConfig":
+        """The run of a command line built by :func:`add_arguments`."""
+        values = vars(namespace).copy()
+        for name in ConversionConfig.field_names():
+            values.pop(name, None)
+        return cls(**values, conversion=ConversionConfig.from_arguments(namespace))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add one option per :class:`FinetuneConfig` field to ``parser`` (``--lora-rank`` for ``lora_rank``), in
-    argument groups, with the fields' help; ``FinetuneConfig(**vars(parser.parse_args()))`` is the run."""
+    argument groups, with the fields' help (the conversion's from :class:`~vit2cbsa.config.ConversionConfig`);
+    ``FinetuneConfig.from_arguments(parser.parse_args())`` is the run."""
     groups: Dict[str, Any] = {}
     for f in fields(FinetuneConfig):
         meta = dict(f.metadata)
         name = meta.pop("group")
         group = groups.get(name) or groups.setdefault(name, parser.add_argument_group(name))
+        if f.name == "conversion":
+            ConversionConfig.add_arguments(group)
+            continue
         flags = meta.pop("flags", (f"--{f.name.replace('_', '-')}",))
         kw: Dict[str, Any] = dict(dest=f.name, help=meta.pop("help"), **meta)
         if f.default is MISSING and f.default_factory is MISSING:
@@ -161,24 +163,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # --------------------------------------------------------------------------- option values
-
-
-def parse_layers(spec: Optional[str]):
-    """:func:`vit2cbsa.specs.parse_layers`, raising :class:`UsageError` for ``--layers``."""
-    try:
-        return parse_layer_text(spec)
-    except ValueError as e:
-        raise UsageError(f"--layers: {e}") from None
-
-
-def parse_representatives(spec: Union[str, int, Sequence[int]]) -> Union[int, Tuple[int, int]]:
-    """``64`` or ``"64"`` (a square count) or ``"8x4"`` (a grid); :func:`vit2cbsa.specs.parse_grid`."""
-    if not isinstance(spec, (str, int)):
-        return tuple(int(v) for v in spec)  # type: ignore[return-value]
-    try:
-        return parse_grid(spec)
-    except ValueError as e:
-        raise UsageError(f"--representatives: {e}") from None
 
 
 def _number(flag: str, value: Any, *, low: float = 0.0, low_ok: bool = False, high: Optional[float] = None,
@@ -305,4 +289,4 @@ def cpu_autocast_supports(mp: str) -> bool:
 
 
 __all__ = ["FinetuneConfig", "MIXED_PRECISIONS", "RESUMABLE_CHANGES", "STAGES", "add_arguments", "check_environment",
-           "check_launch", "cpu_autocast_supports", "parse_layers", "parse_representatives", "validate_values"]
+           "check_launch", "cpu_autocast_supports", "validate_values"]

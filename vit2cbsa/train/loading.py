@@ -4,8 +4,8 @@ datasets it reads.
 
 * :func:`load_model`: MODEL loaded with a ``num_classes`` head, and the train / eval transforms that go with
   it (timm's data config, a transformers image processor, the embedded teacher's mean/std);
-* :func:`converted_copy`: the one :func:`vit2cbsa.convert` call of training (the options of
-  :meth:`FinetuneConfig.conversion_options <vit2cbsa.train.FinetuneConfig.conversion_options>`), and
+* :func:`converted_copy`: the one :func:`vit2cbsa.convert` call of training (``FinetuneConfig.conversion``, a
+  :class:`~vit2cbsa.config.ConversionConfig`), and
   :func:`plain_copy`, the unsharded model a sharded one's gathered weights go into (FSDP);
 * :func:`load_data` and :func:`training_datasets`: the image folder / ``datasets`` splits, and the
   training, evaluation and evaluation-subset datasets (:class:`~vit2cbsa.train.data.TransformedDataset`).
@@ -69,7 +69,7 @@ def load_model(spec: str, num_classes: int, class_names: List[str], checkpoint: 
 
 def converted_copy(original: nn.Module, config: FinetuneConfig) -> nn.Module:
     """A fresh converted copy of ``original``, as ``config`` says (the original is left as it is)."""
-    return convert(copy.deepcopy(original), **config.conversion_options())
+    return convert(copy.deepcopy(original), config.conversion)
 
 
 def plain_copy(original: nn.Module, config: FinetuneConfig, state: Dict[str, torch.Tensor],
