@@ -22,7 +22,7 @@
 
    * ``+sdpa`` -- :class:`SDPAMixer`: the same CBSA with its three softmax-weighted sums done by
      ``torch.nn.functional.scaled_dot_product_attention`` (which takes queries and keys of different lengths):
-     representatives ``P`` from :func:`vit2cbsa.layout.representatives`, extraction ``V_r = sdpa(t0 P, K, V)`` and
+     representatives ``P`` from :func:`vit2cbsa.pooling.representatives`, extraction ``V_r = sdpa(t0 P, K, V)`` and
      ``K_r = sdpa(t0 P, K, K)``, contraction ``sdpa(t0 P, K_r, V_r)``, broadcast ``sdpa(Q, t1 K_b, C)``; gradients
      by autograd through the fused kernels (key / query broadcast; the transpose broadcast is not an SDPA);
    * ``+fp32`` -- :class:`Float32Mixer`: the mixer computed in float32 on bf16 inputs (the change that
@@ -58,7 +58,8 @@ import speed  # speed.py, next to this file
 import vit2cbsa
 from vit2cbsa.adapters import ConvertedAttention
 from vit2cbsa.attention import CBSAMixer, build_mixer
-from vit2cbsa.layout import TokenLayout, representatives
+from vit2cbsa.layout import TokenLayout
+from vit2cbsa.pooling import representatives
 from vit2cbsa.measure import time_repeats
 
 RESULTS = Path(__file__).parent / "results" / "device_check"

@@ -20,7 +20,8 @@ from torch import nn
 
 import vit2cbsa
 from vit2cbsa.adapters.base import MASK_MESSAGE, TORCHSCRIPT_MESSAGE
-from vit2cbsa.layout import GridConv2d, TokenLayout, _pool_separable, effective_grid, pool_patches
+from vit2cbsa.layout import GridConv2d, TokenLayout
+from vit2cbsa.pooling import _pool_separable, effective_grid, pool_patches
 
 from conftest import FAMILIES, Family
 

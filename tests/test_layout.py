@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from vit2cbsa.layout import TokenLayout, as_grid, pool_patches, pool_patches_adjoint
+from vit2cbsa.layout import TokenLayout, as_grid
+
+from vit2cbsa.pooling import pool_patches, pool_patches_adjoint
 
 
 def _heads(b, n, h, d):
@@ -78,7 +80,7 @@ def test_as_grid_rejects(value, exc, match):
 
 
 def test_cached_averaging_matrix_survives_inference_mode_then_training():
-    from vit2cbsa.layout import pool_patches
+    from vit2cbsa.pooling import pool_patches
 
     h, w = 7, 5  # 3x2 representatives: unequal windows, the cached matrix path
     with torch.inference_mode():

@@ -31,7 +31,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import vit2cbsa  # noqa: E402
 from vit2cbsa.attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS, build_mixer  # noqa: E402
-from vit2cbsa.layout import EXTRA_REPRESENTATIVES, TokenLayout, effective_grid, extra_parts  # noqa: E402
+from vit2cbsa.layout import EXTRA_REPRESENTATIVES, TokenLayout  # noqa: E402
+from vit2cbsa.pooling import effective_grid, extra_parts
 
 #: the registered variants that mix through representatives
 REPRESENTATIVE_VARIANTS = tuple(sorted(name for name, cls in VARIANTS.items() if cls.uses_representatives))

@@ -18,7 +18,8 @@ from .adapters import ConvertedAttention
 from .attention import variant_uses_representatives
 from .config import ConversionConfig
 from .errors import UsageError
-from .layout import TokenLayout, effective_grid
+from .layout import TokenLayout
+from .pooling import effective_grid
 from .modeling import unwrapped
 
 _INFO_ATTR = "vit2cbsa_info"

@@ -60,7 +60,8 @@ import torch.fx
 from torch import nn
 
 from ..errors import UsageError
-from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, effective_grid, extra_parts, is_tracing
+from ..layout import EXTRA_REPRESENTATIVES, TokenLayout, is_tracing
+from ..pooling import effective_grid, extra_parts
 from .base import CBSAMaps, Mixer
 from .cbsa_explicit import (
     ExplicitCBSA,

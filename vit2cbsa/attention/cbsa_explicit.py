@@ -22,7 +22,7 @@ Backward, for the upstream gradient ``dO`` (``softmax'(S, dS) = S * (dS - rowsum
     dPe += dSa k                dt0 = <dPe, P>        dP = t0 dPe (+ dKb for "query")
     dq += reps^T(dP)
 
-(``reps``: the pooled patch grid with the extra representatives, :func:`vit2cbsa.layout.representatives`;
+(``reps``: the pooled patch grid with the extra representatives, :func:`vit2cbsa.pooling.representatives`;
 ``reps^T`` its adjoint.)
 
 (``<X, Y>`` sums the elementwise product per head.) Autograd through the same forward adds a node,
@@ -41,7 +41,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..layout import extra_parts, is_concrete, representatives, representatives_adjoint_
+from ..layout import is_concrete
+
+from ..pooling import extra_parts, representatives, representatives_adjoint_
 
 
 def flat_heads(x: torch.Tensor) -> torch.Tensor:

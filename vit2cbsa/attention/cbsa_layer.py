@@ -24,7 +24,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..layout import GridLike, as_grid, pool_patches
+from ..layout import GridLike, as_grid
+
+from ..pooling import pool_patches
 
 
 class CBSA(nn.Module):

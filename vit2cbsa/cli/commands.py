@@ -14,7 +14,7 @@ from typing import Any, List
 
 from ..errors import RepresentativesWarning, UsageError
 from ..info import conversion_info, representatives_warning
-from ..layout import num_representatives_used
+from ..pooling import num_representatives_used
 from ..modeling import input_size_of
 from .console import warn
 from .models import load_model
