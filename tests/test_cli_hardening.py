@@ -327,7 +327,7 @@ def test_every_transformers_call_passes_trust_remote_code_false():
 
 
 def test_fake_tensor_flops_equal_the_real_count(hf_dir):
-    from vit2cbsa import layout
+    from vit2cbsa import pooling
 
     base = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(64, 96), patch_size=16,
                              embed_dim=32, depth=2, num_heads=2).eval()  # a 4x6 patch grid
@@ -336,7 +336,7 @@ def test_fake_tensor_flops_equal_the_real_count(hf_dir):
               "cbsa 3x4 (unequal windows)": vit2cbsa.convert(copy.deepcopy(base), "cbsa", (3, 4)),
               "contraction_free 2x3": vit2cbsa.convert(copy.deepcopy(base), "contraction_free", (2, 3)),
               "linear": vit2cbsa.convert(copy.deepcopy(base), "linear")}
-    layout._MATRICES.clear()
+    pooling._MATRICES.clear()
     for name, model in models.items():
         with torch.no_grad():
             before = model(x)
@@ -346,7 +346,7 @@ def test_fake_tensor_flops_equal_the_real_count(hf_dir):
             assert torch.equal(model(x), before), name  # counting changed nothing
     # the averaging matrix built on fake tensors was not cached for real ones
     from torch._subclasses.fake_tensor import is_fake
-    assert layout._MATRICES and not any(is_fake(m) for m in layout._MATRICES.values())
+    assert pooling._MATRICES and not any(is_fake(m) for m in pooling._MATRICES.values())
 
     hf = transformers.ViTForImageClassification.from_pretrained(hf_dir).eval()
     pixels = torch.randn(1, 3, 48, 32)  # interpolated position embeddings
