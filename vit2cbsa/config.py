@@ -48,8 +48,7 @@ class ConversionConfig:
     layers: Layers = field(default=None, metadata={
         "flag": "--layers", "parse": specs.parse_layers, "metavar": "SPEC",
         "help": "attention layers to convert, in block order: all, an index (-1: the last), indices 0,1,2 or a slice "
-                "such as 6: (the paper's hybrid, first half kept softmax); in Python also a predicate "
-                "f(index, name, module)"})
+                "such as 6: (the paper's hybrid, first half kept softmax)"})
     broadcast: str = field(default="query", metadata={
         "flag": "--broadcast", **_choices(lambda: list(BROADCASTS)),
         "help": "how representatives are broadcast back to the tokens: query (softmax over the representatives' "
@@ -157,11 +156,15 @@ class ConversionConfig:
             yield f.name, dict(f.metadata)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, defaults: Optional["ConversionConfig"] = None) -> None:
-        """Add one option per field to ``parser`` (flag, help and choices from the field metadata). Every option
-        defaults to ``None`` (not given), so :meth:`from_arguments` can tell what the user set."""
+    def add_arguments(cls, parser: Any, defaults: Optional["ConversionConfig"] = None,
+                      only: Optional[Sequence[str]] = None) -> None:
+        """Add one option per field (or per field named in ``only``) to ``parser`` (an ``ArgumentParser`` or an
+        argument group; flag, help and choices from the field metadata). Every option defaults to ``None`` (not
+        given), so :meth:`given` / :meth:`from_arguments` can tell what the user set."""
         shown = defaults or cls()
         for name, meta in cls.cli_fields():
+            if only is not None and name not in only:
+                continue
             kwargs: Dict[str, Any] = {"dest": name, "default": None, "metavar": meta.get("metavar")}
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]()

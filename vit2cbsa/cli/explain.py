@@ -47,7 +47,7 @@ layers: all, one index (-1 = last, the default), a list (0,3) or a slice (6:)
 exit status: 0 on success, 1 on error (one line on stderr), 2 on a usage error."""
 
 #: the conversion options ``MODEL:VARIANT`` takes on the command line (the variant is the suffix)
-ON_THE_FLY = ("representatives", "broadcast")
+ON_THE_FLY = ("num_representatives", "broadcast")
 
 
 def add_explain_command(sub: Any) -> argparse.ArgumentParser:

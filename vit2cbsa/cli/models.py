@@ -2,7 +2,7 @@
 
 ``convert``, ``export``, ``inspect`` and ``explain`` all read MODEL through :func:`load_model`:
 :func:`vit2cbsa.loading.load` (the resolver of every command), then the conversion asked on the command line
-(:func:`vit2cbsa.cli.options.asked_options`), or, for a converted folder, the conversion saved in it -- which
+(:func:`vit2cbsa.cli.options.asked_options`, applied as a :class:`~vit2cbsa.config.ConversionConfig`), or, for a converted folder, the conversion saved in it -- which
 the options given must not contradict (a folder is converted once; convert the original model instead).
 """
 
@@ -15,12 +15,12 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 from torch import nn
 
+from ..config import ConversionConfig
 from ..convert import convert
 from ..errors import UsageError
 from ..layout import as_grid
 from ..loading import LoadedModel, Source, load
 from .console import warn
-from .options import conversion_options
 
 
 @dataclass
@@ -34,11 +34,11 @@ class CommandModel:
     base: Optional[nn.Module] = None
 
 
-def _refuse_changes(model: str, asked: Dict[str, Any], saved: Dict[str, Any]) -> None:
+def _refuse_changes(model: str, asked: Dict[str, Any], saved: ConversionConfig) -> None:
     """A converted folder is converted once: the options given must agree with the saved ones."""
     given = {k: (as_grid(v) if k == "num_representatives" else v) for k, v in asked.items()
              if v is not None and k != "layers"}
-    clash = [f"{k}={v!r} (saved: {saved[k]!r})" for k, v in given.items() if v != saved[k]]
+    clash = [f"{k}={v!r} (saved: {getattr(saved, k)!r})" for k, v in given.items() if v != getattr(saved, k)]
     if clash or asked.get("layers") is not None:
         raise UsageError(f"{model} is already converted; cannot change " + (", ".join(clash) or "layers")
                          + " -- convert the original model instead")
@@ -67,8 +67,8 @@ def load_model(model: Union[str, Path, Source], asked: Optional[Dict[str, Any]] 
             _refuse_changes(str(model.location if isinstance(model, Source) else model), asked, loaded.conversion)
         if not pretrained:  # its base architecture, with random weights: convert it as saved
             result.base = loaded.model
-            result.model = convert(copy.deepcopy(loaded.model), **loaded.conversion).eval()
+            result.model = convert(copy.deepcopy(loaded.model), loaded.conversion).eval()
     elif asked is not None:
-        result.model = convert(loaded.model, **conversion_options(asked), inplace=not keep_base).eval()
+        result.model = convert(loaded.model, ConversionConfig.build(**asked), inplace=not keep_base).eval()
         result.base = loaded.model if keep_base else None
     return result

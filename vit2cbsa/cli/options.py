@@ -4,10 +4,10 @@
   MODEL argument, ``--traceback`` and the function that runs it;
 * :func:`add_conversion_options` -- the options of :func:`vit2cbsa.convert` (``--variant``,
   ``--representatives``, ``--layers``, ``--broadcast``, ``--extra-representatives``, ``--prefix-broadcast``),
-  defined here only, for every command that converts;
-* :func:`asked_options` / :func:`conversion_options` -- the options given on the command line (``None`` where
-  not given: a saved conversion is then not contradicted) and the :func:`vit2cbsa.convert` keywords with
-  the defaults filled in.
+  taken from :class:`~vit2cbsa.config.ConversionConfig`'s fields (flags, help, choices), for every command that
+  converts;
+* :func:`asked_options` -- the options given on the command line (those not given are left out: a saved
+  conversion is then not contradicted).
 """
 
 from __future__ import annotations
@@ -16,23 +16,10 @@ import argparse
 import textwrap
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from ..attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
-from ..layout import EXTRA_REPRESENTATIVES
+from ..config import ConversionConfig
 from ..loading import TEACHER
-from .parsing import parse_grid, parse_layers
 
 MODEL_HELP = f"{TEACHER}, a local folder, a timm model name or a Hub repo id"
-
-#: option dest -> (the :func:`vit2cbsa.convert` keyword, its default)
-CONVERT_KEYWORDS: Dict[str, tuple] = {
-    "variant": ("variant", "cbsa"),
-    "representatives": ("num_representatives", 64),
-    "layers": ("layers", None),
-    "broadcast": ("broadcast", "query"),
-    "extra_representatives": ("extra_representatives", "prefix"),
-    "prefix_broadcast": ("prefix_broadcast", "own"),
-}
-
 
 def paragraph(text: str) -> str:
     """``text`` re-wrapped as one paragraph of 88 columns (a sub-command's description)."""
@@ -61,41 +48,14 @@ def add_traceback_option(p: argparse.ArgumentParser, default: Any = False) -> No
 
 def add_conversion_options(p: argparse.ArgumentParser, title: str = "conversion options",
                            only: Optional[Sequence[str]] = None) -> Any:
-    """Add the conversion options (all, or the dests in ``only``) to ``p`` as a group; returns the group.
-    Each defaults to ``None`` (not given); :func:`conversion_options` fills in :func:`vit2cbsa.convert`'s
-    defaults."""
+    """Add the conversion options (all :class:`~vit2cbsa.config.ConversionConfig` fields, or the ones named in
+    ``only``) to ``p`` as a group; returns the group. Each defaults to ``None`` (not given)."""
     g = p.add_argument_group(title)
-    options = {
-        "variant": (["--variant"], dict(choices=sorted(VARIANTS), help="attention to convert to (default: cbsa)")),
-        "representatives": (["--representatives"], dict(
-            type=parse_grid, metavar="N|HxW",
-            help="representatives per head: a square count or a grid (default: 64 = 8x8)")),
-        "layers": (["--layers"], dict(
-            type=parse_layers, metavar="SPEC",
-            help="attention layers to convert, in block order: all, 3, 0,1,2 or 6: (default: all)")),
-        "broadcast": (["--broadcast"], dict(
-            choices=list(BROADCASTS), help="how representatives are broadcast back to tokens (default: query)")),
-        "extra_representatives": (["--extra-representatives"], dict(
-            choices=list(EXTRA_REPRESENTATIVES),
-            help="representatives next to the pooled grid: prefix (each class/register token its own, "
-                 "default), global (the mean of the patch queries) or none")),
-        "prefix_broadcast": (["--prefix-broadcast"], dict(
-            choices=list(PREFIX_BROADCASTS),
-            help="own (default): a prefix token reads back only its own representative; all: every one")),
-    }
-    for dest in only or CONVERT_KEYWORDS:
-        flags, kwargs = options[dest]
-        g.add_argument(*flags, dest=dest, default=None, **kwargs)
+    ConversionConfig.add_arguments(g, only=only)
     return g
 
 
 def asked_options(args: argparse.Namespace, only: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The :func:`vit2cbsa.convert` keywords given on the command line (``None`` where an option was not given;
-    only the dests in ``only``, default all)."""
-    return {CONVERT_KEYWORDS[dest][0]: getattr(args, dest, None) for dest in only or CONVERT_KEYWORDS}
-
-
-def conversion_options(asked: Dict[str, Any]) -> Dict[str, Any]:
-    """``asked`` (:func:`asked_options`) with :func:`vit2cbsa.convert`'s defaults for the options not given."""
-    defaults = dict(CONVERT_KEYWORDS.values())
-    return {key: default if asked.get(key) is None else asked[key] for key, default in defaults.items()}
+    """The conversion options given on the command line, by :class:`~vit2cbsa.config.ConversionConfig` field name
+    (only those given; only the fields in ``only``, default all)."""
+    return {k: v for k, v in ConversionConfig.given(args).items() if only is None or k in only}

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from ..config import ConversionConfig
 from ..errors import LoadError, one_line
 from .metadata import class_names_of, data_config, image_processor, teacher_processor
 from .sources import Source, check_no_remote_code, read_json, resolve
@@ -36,7 +37,7 @@ class LoadedModel:
     saved with the model, if any (for the teacher, one made from its mean/std, to save next to a converted
     teacher). ``class_names``: index -> name where known. ``base_model``: the Hub id of the original weights,
     for a model card. ``pretrained``: False when the weights are random. ``conversion``: for a vit2cbsa folder,
-    the saved :func:`vit2cbsa.convert` options (with ``pretrained=False`` the model is then the unconverted
+    the saved :class:`~vit2cbsa.config.ConversionConfig` (with ``pretrained=False`` the model is then the unconverted
     base architecture, to convert with them). ``config``: the teacher's ``config.json``. ``head_reset``: the
     classifier was replaced (``num_classes``); ``head_names``: the classifier modules.
     """
@@ -49,7 +50,7 @@ class LoadedModel:
     class_names: Optional[List[str]] = None
     base_model: Optional[str] = None
     pretrained: bool = True
-    conversion: Optional[Dict[str, Any]] = None
+    conversion: Optional[ConversionConfig] = None
     config: Optional[Dict[str, Any]] = None
     head_reset: bool = False
 
@@ -175,12 +176,12 @@ def _load_teacher(source: Source, pretrained: bool, size: Optional[Tuple[int, in
 
 
 def _load_vit2cbsa(source: Source, pretrained: bool, size: Optional[Tuple[int, int]]) -> LoadedModel:
-    from ..info import saved_options
+    from ..info import saved_config
     from ..hub import BaseModelSpec, from_pretrained, read_config
 
     folder = source.folder
     config = read_config(folder)
-    conversion = saved_options(config["conversion"])
+    conversion = saved_config(config["conversion"])
     spec_json = config["base"]
     library = spec_json.get("library", "timm")
     if pretrained:
