@@ -161,7 +161,7 @@ def _tracer_kwargs() -> dict:
 
 def feature_nodes(model: nn.Module) -> Dict[str, str]:
     """Module outputs asked of ``create_feature_extractor``: the patch embedding, a block, a converted layer."""
-    from vit2cbsa.convert import find_patch_embedding
+    from vit2cbsa.modeling import find_patch_embedding
 
     names = [find_patch_embedding(model)[0]]
     names += [n for n, m in model.named_modules() if n.endswith(("blocks.0", "layer.0"))]

@@ -253,7 +253,7 @@ def test_save_and_load_round_trip_is_exact(case):
         folder = vit2cbsa.save_pretrained(model, Path(tmp) / "saved")
         loaded = vit2cbsa.from_pretrained(folder)
     assert type(loaded) is type(model) and not loaded.training
-    assert loaded.vit2cbsa_info.options() == model.vit2cbsa_info.options()
+    assert loaded.vit2cbsa_info.config == model.vit2cbsa_info.config
     assert loaded.vit2cbsa_info.converted_indices == model.vit2cbsa_info.converted_indices
     mine, theirs = model.state_dict(), loaded.state_dict()
     assert list(theirs) == list(mine)

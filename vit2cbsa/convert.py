@@ -32,9 +32,6 @@ from .info import (_HOOK_ATTR, _INFO_ATTR, _LAYOUT_ATTR, ConversionInfo, Convert
 from .layout import GridConv2d, GridRecorder, TokenLayout
 from .modeling import find_patch_embedding, peft_base_model, select_layers, uncompiled
 
-# TRANSITIONAL (removed before landing): old import paths while the importers move to vit2cbsa.info
-from .info import SAVED_DEFAULTS, conversion_info, layout_of, saved_options  # noqa: F401,E402
-
 logger = logging.getLogger("vit2cbsa")
 
 

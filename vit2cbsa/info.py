@@ -101,10 +101,6 @@ class ConversionInfo:
         return ConversionConfig(self.variant, tuple(self.num_representatives), tuple(self.converted_indices),
                                 self.broadcast, self.extra_representatives, self.prefix_broadcast)
 
-    def options(self) -> dict:
-        """:attr:`config` as :func:`vit2cbsa.convert` keyword arguments."""
-        return self.config.as_kwargs()
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["num_representatives"] = list(self.num_representatives)
@@ -150,11 +146,6 @@ def saved_config(conv: Mapping[str, Any]) -> ConversionConfig:
         {"variant": conv["variant"], "num_representatives": tuple(conv["num_representatives"]),
          "layers": list(conv["converted_layers"]), "broadcast": conv["broadcast"],
          **{k: conv.get(k, v) for k, v in SAVED_DEFAULTS.items()}})
-
-
-def saved_options(conv: Mapping[str, Any]) -> dict:
-    """:func:`saved_config` as :func:`vit2cbsa.convert` keyword arguments."""
-    return saved_config(conv).as_kwargs()
 
 
 def conversion_info(model: nn.Module) -> Optional[ConversionInfo]:

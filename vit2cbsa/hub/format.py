@@ -24,10 +24,9 @@ from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 import torch
 
 from .._version import __version__
-from ..attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS
-from ..errors import CheckpointError, one_line
-from ..info import SAVED_DEFAULTS
-from ..layout import EXTRA_REPRESENTATIVES
+from ..attention import VARIANTS
+from ..errors import CheckpointError, UsageError, one_line
+from ..info import saved_config
 
 if TYPE_CHECKING:
     from ..info import ConversionInfo
@@ -72,20 +71,20 @@ def conversion_json(info: "ConversionInfo") -> Dict[str, Any]:
 
 
 def _check_conversion(conv: Mapping[str, Any], path: Path) -> None:
-    variant, broadcast, grid = conv["variant"], conv["broadcast"], conv["num_representatives"]
-    layers = conv["converted_layers"]
+    """The saved conversion is one :class:`~vit2cbsa.config.ConversionConfig` (validated as such) of a non-empty
+    list of converted layers; an unknown variant names this version (a newer vit2cbsa, or a variant registered
+    with ``vit2cbsa.attention.register_variant`` before loading)."""
+    variant, layers = conv["variant"], conv["converted_layers"]
     if variant not in VARIANTS:
         raise CheckpointError(f"{path} names an unknown attention variant {variant!r}; this vit2cbsa "
-                              f"({__version__}) knows {', '.join(sorted(VARIANTS))}")
-    if broadcast not in BROADCASTS:
-        raise CheckpointError(f"{path} names an unknown broadcast {broadcast!r}; known: {', '.join(BROADCASTS)}")
-    for key, known in (("extra_representatives", EXTRA_REPRESENTATIVES), ("prefix_broadcast", PREFIX_BROADCASTS)):
-        if conv.get(key, SAVED_DEFAULTS[key]) not in known:
-            raise CheckpointError(f"{path} names an unknown {key} {conv[key]!r}; known: {', '.join(known)}")
-    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
-        raise CheckpointError(f"{path}: num_representatives must be [h, w], got {grid!r}")
-    if not (isinstance(layers, list) and layers and all(isinstance(i, int) for i in layers)):
+                              f"({__version__}) knows {', '.join(sorted(VARIANTS))} (register another with "
+                              "vit2cbsa.attention.register_variant before loading)")
+    if not (isinstance(layers, list) and layers and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
         raise CheckpointError(f"{path}: converted_layers must be a list of layer indices, got {layers!r}")
+    try:
+        saved_config(conv)
+    except (UsageError, TypeError) as e:
+        raise CheckpointError(f"{path}: {one_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- vit2cbsa_config.json

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import ConvertedAttention
-from ..convert import conversion_info, layout_of
+from ..info import conversion_info, layout_of
 from ..layout import GridRecorder
 from ..modeling import find_patch_embedding, model_output
 

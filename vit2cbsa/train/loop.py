@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..convert import conversion_info
+from ..info import conversion_info
 from ..errors import UsageError, one_line
 from .checkpoints import Checkpoint, finished_result, save_checkpoint, set_aside, write_json
 from .config import STAGES, FinetuneConfig, check_environment, check_launch, validate_values
