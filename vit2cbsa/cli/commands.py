@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any, List
 
+from ..attention import variant_uses_representatives
 from ..errors import RepresentativesWarning, UsageError
 from ..info import conversion_info, representatives_warning
 from ..pooling import num_representatives_used
@@ -75,7 +76,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     cost = compare_costs(base, converted, (c, h, w))  # on fake tensors: seconds at any resolution
     layers = attention_table(base, converted=names)
     gh, gw = info.num_representatives
-    linear = info.variant == "linear"
+    no_reps = not variant_uses_representatives(info.variant)
     notes: List[str] = []
     if info.saves_nothing(cost.patch_grid):
         notes.append(representatives_warning(info, cost.patch_grid, (h, w))
@@ -85,8 +86,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "conversion": {"variant": info.variant, "num_representatives": [gh, gw], "broadcast": info.broadcast,
                        "extra_representatives": info.extra_representatives,
                        "prefix_broadcast": info.prefix_broadcast, "converted_layers": info.converted_indices},
-        "representative_grid_used": None if linear else list(info.grid_used(cost.patch_grid)),
-        "representatives_per_head": None if linear else num_representatives_used(
+        "representative_grid_used": None if no_reps else list(info.grid_used(cost.patch_grid)),
+        "representatives_per_head": None if no_reps else num_representatives_used(
             tuple(info.num_representatives), *cost.patch_grid, cost.num_prefix_tokens, info.extra_representatives),
         "warnings": notes,
         "attention_layers": layers, **cost.to_dict(),
@@ -99,7 +100,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {type(base).__name__} ({source.kind}), input {c}x{h}x{w}")
     print(f"tokens per image: {cost.num_tokens} = {cost.num_prefix_tokens} prefix + "
           f"{cost.patch_grid[0]}x{cost.patch_grid[1]} patches")
-    reps = "no representatives (linear)" if linear else (
+    reps = f"no representatives ({info.variant})" if no_reps else (
         info.representatives_text(cost.num_prefix_tokens, cost.patch_grid) + " per head")
     print(f"conversion: variant {info.variant!r}, {reps}, broadcast {info.broadcast!r}")
     print(f"attention layers: {len(layers)} found, {len(names)} converted")
