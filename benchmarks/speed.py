@@ -17,7 +17,7 @@ With ``--compile``: graph breaks inside converted attention (``torch._dynamo.exp
 compile speed-up of the converted model, and the converted/original ratio with both compiled, for
 inference and (unless ``--no-train``) training steps.
 
-    python benchmarks/speed.py                       # the CPU table quoted in the README (~30 min)
+    python benchmarks/speed.py                       # the CPU table of benchmarks/README.md (~30 min)
     python benchmarks/speed.py --quick               # smoke run, < 1 min (CI runs it)
     python benchmarks/speed.py --resolutions 224 --variants cbsa --keep-intermediates   # recompute=False
     python benchmarks/speed.py --device cuda --dtype bfloat16 --batch 32 --compile
