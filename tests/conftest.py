@@ -68,6 +68,19 @@ FAMILIES = [
 ]
 
 
+#: families on which tracing/export tests run every variant; the others run "cbsa" only. The variants differ only in
+#: their mixer (the same on every family), the families in what is around it (prefix tokens, sizes, wrappers), so
+#: family x "cbsa" plus variant x these two families covers every path at a third of the full product's cost.
+EVERY_VARIANT_FAMILIES = ("timm_vit", "hf_vit")
+
+
+def family_variant_cases(variants):
+    """``(family, variant)`` pairs: every family with ``variants[0]``, and every variant on
+    :data:`EVERY_VARIANT_FAMILIES`; use with ``pytest.mark.parametrize("family, variant", ...)``."""
+    return [pytest.param(f, v, id=f"{f.name}-{v}") for f in FAMILIES for v in variants
+            if v == variants[0] or f.name in EVERY_VARIANT_FAMILIES]
+
+
 @pytest.fixture(params=FAMILIES, ids=[f.name for f in FAMILIES])
 def family(request) -> Family:
     return request.param

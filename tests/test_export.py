@@ -1,9 +1,10 @@
 """Converted models leave Python: ``torch.export`` and ``torch.fx`` equal eager, at sizes other than the traced one.
 
-Every family x variant, with the unconverted model run through the same check as the control: where the original
-exports with a dynamic batch and dynamic H, W (or traces with fx), the converted model must too, and its program must
-equal eager on every probe input the original's program accepts. The tiny random models are sharpened (LayerScale
-1, larger q/k weights) so that attention, and with it the patch grid, visibly moves the outputs.
+Every family with CBSA and every variant on two families (conftest.family_variant_cases), with the unconverted
+model run through the same check as the control: where the original exports with a dynamic batch and dynamic
+H, W (or traces with fx), the converted model must too, and its program must equal eager on every probe input the
+original's program accepts. The tiny random models are sharpened (LayerScale 1, larger q/k weights) so that
+attention, and with it the patch grid, visibly moves the outputs.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vit2cbsa.adapters.base import MASK_MESSAGE, TORCHSCRIPT_MESSAGE
 from vit2cbsa.layout import GridConv2d, TokenLayout
 from vit2cbsa.pooling import _pool_separable, effective_grid, pool_patches
 
-from conftest import FAMILIES, Family
+from conftest import FAMILIES, Family, family_variant_cases
 
 VARIANTS = ["cbsa", "contraction_free", "linear"]
 REPS = 9  # a 3x3 representative grid: unequal windows on most grids, clamped on a 2-patch axis
@@ -128,7 +129,7 @@ def control_export(name: str) -> Tuple[bool, Tuple[int, ...]]:
     pytest.fail(f"the original {name} does not export even with a dynamic batch size")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family, variant", family_variant_cases(VARIANTS))
 def test_torch_export_equals_eager_at_other_sizes(family, variant):
     image, ok = control_export(family.name)
     wrapped = Pixels(family, build(family, variant))
@@ -224,7 +225,7 @@ def eager_sizes(family: Family) -> List[Tuple[int, int]]:
     return [size for size in sizes if runs(size)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family, variant", family_variant_cases(VARIANTS))
 def test_fx_feature_extraction_equals_eager(family, variant):
     why = control_fx(family.name)
     if why is not None:

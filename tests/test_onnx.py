@@ -1,7 +1,7 @@
 """ONNX export (torch.onnx.export, dynamo=True) of converted models, run in ONNX Runtime against eager.
 
-Every family of tests/conftest.py and every variant; the unconverted model goes through the same test
-as the control. Skipped (with the reason) only where onnx / onnxruntime are not installed; the test
+Every family of tests/conftest.py with CBSA, every variant on two families (conftest.family_variant_cases);
+the unconverted model of every family goes through the same test as the control. Skipped (with the reason) only where onnx / onnxruntime are not installed; the test
 extra installs them.
 """
 
@@ -15,13 +15,13 @@ import torch
 import vit2cbsa
 from vit2cbsa import export
 from vit2cbsa.errors import ExportError
-from conftest import FAMILIES
+from conftest import FAMILIES, family_variant_cases
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'vit2cbsa[export]')")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'vit2cbsa[export]')")
 
 VARIANTS = ("cbsa", "contraction_free", "linear")
-CASES = [(f, v) for f in FAMILIES for v in (None, *VARIANTS)]  # None: the unconverted control
+CASES = [pytest.param(f, None, id=f"{f.name}-original") for f in FAMILIES] + family_variant_cases(VARIANTS)
 
 
 def _build(family, variant):
@@ -37,7 +37,7 @@ def _build(family, variant):
     return model
 
 
-@pytest.mark.parametrize("family, variant", CASES, ids=[f"{f.name}-{v or 'original'}" for f, v in CASES])
+@pytest.mark.parametrize("family, variant", CASES)
 def test_onnx_runtime_equals_eager(family, variant, tmp_path):
     model = _build(family, variant)
     h, w = family.sizes[0]

@@ -1,4 +1,4 @@
-"""Token layout of a ViT sequence and pooling of its patch tokens into representatives.
+"""Token layout of a ViT sequence: the patch grid recorded from the patch embedding, the prefix tokens derived.
 
 A ViT attention layer sees ``N = t + h * w`` tokens: ``t`` prefix tokens (class,
 distillation, register tokens) followed by the ``h x w`` patch grid in row-major order.
