@@ -31,7 +31,6 @@ Run (from the repo root; about 15 minutes on 2 busy cores)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shlex
 import sys
@@ -42,6 +41,7 @@ import torch
 
 import vit2cbsa
 from vit2cbsa import zoo
+from vit2cbsa.attention import variant_uses_representatives
 from vit2cbsa.analysis import (
     compress_synthetic,
     explain,
@@ -115,7 +115,7 @@ def build_students(teacher, align_x, eval_x, eval_y, steps, batch_size):
         student.eval()
         after_loss, per_layer = alignment_loss(student, teacher, probe)
         acc_after = accuracy(student, eval_x, eval_y)
-        records[name] = {"variant": variant, "num_representatives": reps if variant != "linear" else None,
+        records[name] = {"variant": variant, "num_representatives": reps if variant_uses_representatives(variant) else None,
                          "align_steps": steps, "align_seconds": round(time.time() - t0, 1),
                          "alignment_loss_before": before_loss, "alignment_loss_after": after_loss,
                          "alignment_loss_per_layer_after": per_layer,

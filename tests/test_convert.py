@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import vit2cbsa
-import vit2cbsa.convert as convert_module
 from vit2cbsa.adapters import ConvertedAttention
 from vit2cbsa.errors import RepresentativesWarning
 
