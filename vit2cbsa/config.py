@@ -22,10 +22,8 @@ from . import specs
 from .attention import BROADCASTS, PREFIX_BROADCASTS, VARIANTS, variant_uses_representatives
 from .errors import UsageError
 from .layout import EXTRA_REPRESENTATIVES, as_grid
-from .specs import LAYER_SELECTORS, as_index
+from .specs import Layers
 
-#: what ``layers`` holds once validated: all (``None``), block indices, a slice, or a predicate ``f(index, name, module)``
-Layers = Union[None, Tuple[int, ...], slice, Callable[..., bool]]
 
 
 def _choices(values: Callable[[], Sequence[str]]) -> Dict[str, Any]:
@@ -77,7 +75,7 @@ class ConversionConfig:
         except ValueError as e:
             raise UsageError(str(e)) from None
         object.__setattr__(self, "num_representatives", grid)
-        object.__setattr__(self, "layers", _layers(self.layers))
+        object.__setattr__(self, "layers", specs.normalize_layers(self.layers))
         if not variant_uses_representatives(self.variant):  # nothing to place next to the grid or broadcast
             object.__setattr__(self, "extra_representatives", "none")
             object.__setattr__(self, "prefix_broadcast", "all")
@@ -185,29 +183,6 @@ class ConversionConfig:
                        base: Optional["ConversionConfig"] = None) -> "ConversionConfig":
         """``base`` (default: the defaults) with the options given on the command line applied."""
         return (base or cls()).replace(**cls.given(namespace))
-
-
-def _layers(value: Any) -> Layers:
-    """``layers`` normalised: ``"6:"`` -> ``slice(6, None)``, ``[0, 2]`` -> ``(0, 2)``, ``None``/slices/predicates
-    kept. Whether the indices exist is checked against the model by :func:`vit2cbsa.modeling.select_layers`."""
-    if isinstance(value, str):
-        try:
-            value = specs.parse_layers(value)
-        except ValueError:
-            raise UsageError(f"layers={value!r} is not a layer spec; layers accepts {LAYER_SELECTORS}") from None
-    if value is None or isinstance(value, slice) or callable(value):
-        return value
-    if as_index(value) is not None:
-        return (as_index(value),)
-    if isinstance(value, (list, tuple, range)) or (
-            hasattr(value, "__iter__") and not isinstance(value, (dict, bytes, bytearray, str))):
-        items = list(value)
-        bad = [i for i in items if as_index(i) is None]
-        if bad:
-            raise TypeError(f"layers must hold integer block indices, got {bad[0]!r}; layers accepts {LAYER_SELECTORS}")
-        return tuple(as_index(i) for i in items)
-    raise TypeError(f"layers={value!r} ({type(value).__name__}) is not a layer selector; layers accepts "
-                    f"{LAYER_SELECTORS}")
 
 
 def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:

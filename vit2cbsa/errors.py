@@ -20,8 +20,8 @@ class UnsupportedModelError(Vit2CBSAError, TypeError, ValueError):
     """A model vit2cbsa cannot convert or handle (an unknown family, a CNN stem, a wrapped sub-module)."""
 
 
-class LayerError(Vit2CBSAError, ValueError):
-    """A layer selection that selects nothing or a layer that does not exist."""
+class LayerError(UsageError):
+    """A layer selection that is not one, selects nothing, or names a layer that does not exist."""
 
 
 class CheckpointError(Vit2CBSAError, ValueError):

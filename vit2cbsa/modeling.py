@@ -23,7 +23,6 @@ from . import specs
 from .adapters import ConvertedAttention, find_adapter
 from .errors import LayerError, UnsupportedModelError
 from .layout import GridRecorder, TokenLayout
-from .specs import LAYER_SELECTORS, as_index
 
 InputSize = Tuple[int, int, int]  # channels, height, width
 LayerSelector = Union[None, int, str, Sequence[int], slice, Callable[[int, str, nn.Module], bool]]
@@ -209,42 +208,25 @@ def select_layers(selector: LayerSelector, candidates: Sequence[Tuple[str, nn.Mo
     if n == 0:
         raise LayerError("the model has no attention layer that vit2cbsa can read (timm ViT, HF ViT/DeiT/"
                          "DINOv2/CLIP/SigLIP vision models)")
-    original = selector
-    if isinstance(selector, str):  # the command-line syntax: "all", "3", "0,1,2", "6:"
-        try:
-            selector = specs.parse_layers(selector)
-        except ValueError:
-            raise LayerError(f"layers={selector!r} is not a layer spec; layers accepts {LAYER_SELECTORS}") from None
-    if selector is None:
+    layers = specs.normalize_layers(selector)
+    if layers is None:
         out = list(range(n))
-    elif isinstance(selector, slice):
-        out = list(range(n))[selector]
-    elif callable(selector):
-        out = [i for i, (name, mod) in enumerate(candidates) if selector(i, name, mod)]
+    elif isinstance(layers, slice):
+        out = list(range(n))[layers]
+    elif callable(layers):
+        out = [i for i, (name, mod) in enumerate(candidates) if layers(i, name, mod)]
     else:
-        index = as_index(selector)
-        if index is not None:
-            indices = [index]
-        elif isinstance(selector, (list, tuple, range)) or (
-                hasattr(selector, "__iter__") and not isinstance(selector, (dict, bytes, bytearray))):
-            indices = list(selector)  # type: ignore[arg-type]
-        else:
-            raise TypeError(f"layers={selector!r} ({type(selector).__name__}) is not a layer selector; layers "
-                            f"accepts {LAYER_SELECTORS}")
         out = []
-        for i in indices:
-            if as_index(i) is None:
-                raise TypeError(f"layers must hold integer block indices, got {i!r}; layers accepts {LAYER_SELECTORS}")
-            i = as_index(i)
+        for i in layers:
             if not -n <= i < n:
                 raise LayerError(f"layer {i} does not exist: the model has {n} attention "
                                  f"layers (0..{n - 1}, or -{n}..-1 from the end)")
             out.append(i % n)
     if not out:
-        raise LayerError(f"layers={layers_text(original)} selects none of the {n} attention layers (indices 0..{n - 1})")
+        raise LayerError(f"layers={layers_text(selector)} selects none of the {n} attention layers (indices 0..{n - 1})")
     return sorted(set(out))
 
 
-__all__ = ["InputSize", "LAYER_SELECTORS", "LayerSelector", "PatchGridWatch", "attention_layers",
+__all__ = ["InputSize", "LayerSelector", "PatchGridWatch", "attention_layers",
            "find_patch_embedding", "forward_pixels", "input_size_of", "is_hf", "is_peft", "layers_text",
            "model_output", "peft_base_model", "select_layers", "uncompiled", "unwrapped"]

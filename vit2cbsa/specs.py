@@ -13,7 +13,9 @@ the same two specs; each parses them here and wraps the ``ValueError`` into its 
 from __future__ import annotations
 
 import operator
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from .errors import LayerError
 
 GRID_FORMS = "a count such as 64 or a grid such as 8x8"
 LAYER_FORMS = "all, an index, a list such as 0,1,2 or a slice such as 6:"
@@ -76,3 +78,31 @@ def as_index(value: object) -> Optional[int]:
     except TypeError:
         return None
 
+
+#: a layer selection once normalised: all (``None``), block indices, a slice, or a predicate ``f(index, name, module)``
+Layers = Union[None, Tuple[int, ...], slice, Callable[..., bool]]
+
+
+def normalize_layers(value: Any) -> Layers:
+    """A layer selection normalised: ``"6:"`` -> ``slice(6, None)``, ``[0, 2]`` / ``"0,2"`` -> ``(0, 2)``, ``3`` ->
+    ``(3,)``; ``None``, slices and predicates kept. Raises :class:`~vit2cbsa.errors.LayerError` for a string that is
+    not a layer spec, ``TypeError`` for anything else that is not a selector. Whether the indices exist is checked
+    against a model by :func:`vit2cbsa.modeling.select_layers`."""
+    if isinstance(value, str):
+        try:
+            value = parse_layers(value)
+        except ValueError:
+            raise LayerError(f"layers={value!r} is not a layer spec; layers accepts {LAYER_SELECTORS}") from None
+    if value is None or isinstance(value, slice) or callable(value):
+        return value
+    if as_index(value) is not None:
+        return (as_index(value),)
+    if isinstance(value, (list, tuple, range)) or (
+            hasattr(value, "__iter__") and not isinstance(value, (dict, bytes, bytearray, str))):
+        items = list(value)
+        bad = [i for i in items if as_index(i) is None]
+        if bad:
+            raise TypeError(f"layers must hold integer block indices, got {bad[0]!r}; layers accepts {LAYER_SELECTORS}")
+        return tuple(as_index(i) for i in items)
+    raise TypeError(f"layers={value!r} ({type(value).__name__}) is not a layer selector; layers accepts "
+                    f"{LAYER_SELECTORS}")
