@@ -26,6 +26,11 @@ from .specs import Layers
 
 
 
+def _grid(text: str) -> Tuple[int, int]:
+    """``"64"`` -> ``(8, 8)``, ``"8x4"`` -> ``(8, 4)``: a representative grid, validated."""
+    return as_grid(specs.parse_grid(text))
+
+
 def _choices(values: Callable[[], Sequence[str]]) -> Dict[str, Any]:
     return {"choices": values}
 
@@ -40,7 +45,7 @@ class ConversionConfig:
                 "(no contraction; Agent-Attention-like) or linear (kernelised linear attention); see "
                 "vit2cbsa.attention"})
     num_representatives: Tuple[int, int] = field(default=(8, 8), metadata={
-        "flag": "--representatives", "parse": lambda text: as_grid(specs.parse_grid(text)), "metavar": "N|HxW",
+        "flag": "--representatives", "parse": _grid, "metavar": "N|HxW",
         "help": "pooled representatives per head: a square count (64 = an 8x8 grid) or an HxW grid; an axis longer "
                 "than the input's patch grid is clamped to it. Ignored by linear"})
     layers: Layers = field(default=None, metadata={
@@ -167,7 +172,7 @@ class ConversionConfig:
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]()
             if "parse" in meta:
-                kwargs["type"] = _argparse_type(meta["parse"])
+                kwargs["type"] = specs.argparse_type(meta["parse"])
             default = shown.to_dict()[name]
             text = meta["help"] + (f" (default: {_cli_text(default)})" if default is not None else " (default: all)")
             parser.add_argument(meta["flag"], help=text, **kwargs)
@@ -183,17 +188,6 @@ class ConversionConfig:
                        base: Optional["ConversionConfig"] = None) -> "ConversionConfig":
         """``base`` (default: the defaults) with the options given on the command line applied."""
         return (base or cls()).replace(**cls.given(namespace))
-
-
-def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    convert.__name__ = "value"  # argparse says "invalid value: ..."
-    return convert
 
 
 def _cli_text(value: Any) -> str:

@@ -12,6 +12,7 @@ the same two specs; each parses them here and wraps the ``ValueError`` into its 
 
 from __future__ import annotations
 
+import argparse
 import operator
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -106,3 +107,15 @@ def normalize_layers(value: Any) -> Layers:
         return tuple(as_index(i) for i in items)
     raise TypeError(f"layers={value!r} ({type(value).__name__}) is not a layer selector; layers accepts "
                     f"{LAYER_SELECTORS}")
+
+
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse ``type=``: its ``ValueError`` becomes the option's one-line usage error."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    convert.__name__ = parse.__name__
+    return convert

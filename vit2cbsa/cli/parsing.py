@@ -20,10 +20,7 @@ Grid = Union[int, Tuple[int, int]]
 
 
 def _sides(text: str) -> Tuple[int, int]:
-    try:
-        value = specs.parse_grid(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    value = specs.argparse_type(specs.parse_grid)(text)
     return (value, value) if isinstance(value, int) else value
 
 
@@ -45,10 +42,7 @@ def parse_resolution(text: str) -> Tuple[int, int]:
 def parse_layers(text: str) -> Union[None, slice, List[int]]:
     """``"all" -> None``, ``"3" -> [3]``, ``"0,1" -> [0, 1]``, ``"6:" -> slice(6, None)``
     (:func:`vit2cbsa.specs.parse_layers`)."""
-    try:
-        return specs.parse_layers(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return specs.argparse_type(specs.parse_layers)(text)
 
 
 def parse_metric(text: str) -> Tuple[str, float]:
