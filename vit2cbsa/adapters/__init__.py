@@ -41,17 +41,25 @@ def adapter_of(module: nn.Module) -> Optional[Adapter]:
     return find_adapter(module)
 
 
-def projection_modules(model: nn.Module) -> List[Tuple[str, nn.Linear]]:
-    """``(full name, Linear)`` of the q/k/v/output projections of every attention layer of ``model`` (converted or
-    not), in block order, as each layer's adapter names them."""
+def _projections_by_layer(model: nn.Module) -> List[Tuple[str, Adapter, List[Tuple[str, nn.Linear]]]]:
+    """``(layer name, its adapter, [(full name, Linear)])`` for every attention layer with projections, in block
+    order."""
     out = []
     for name, module in model.named_modules():
         adapter = adapter_of(module)
-        for child in adapter.projections if adapter is not None else ():
-            lin = getattr(module, child, None)
-            if isinstance(lin, nn.Linear):
-                out.append((f"{name}.{child}" if name else child, lin))
+        if adapter is None:
+            continue
+        linears = [(f"{name}.{child}" if name else child, lin) for child in adapter.projections
+                   if isinstance(lin := getattr(module, child, None), nn.Linear)]
+        if linears:
+            out.append((name, adapter, linears))
     return out
+
+
+def projection_modules(model: nn.Module) -> List[Tuple[str, nn.Linear]]:
+    """``(full name, Linear)`` of the q/k/v/output projections of every attention layer of ``model`` (converted or
+    not), in block order, as each layer's adapter names them."""
+    return [pair for _, _, linears in _projections_by_layer(model) for pair in linears]
 
 
 def lora_target_modules(model: nn.Module) -> Optional[str]:
@@ -59,12 +67,8 @@ def lora_target_modules(model: nn.Module) -> Optional[str]:
     module names) selecting exactly the attention projections of :func:`projection_modules`; ``None`` if the model
     has none. Per adapter: ``(?:<attention layer names>)\\.(?:<its projection names>)``."""
     layers: Dict[Tuple[str, ...], List[str]] = {}
-    for name, _ in projection_modules(model):
-        parent, _, child = name.rpartition(".")
-        adapter = adapter_of(model.get_submodule(parent)) if parent else adapter_of(model)
-        layers.setdefault(adapter.projections, [])
-        if parent not in layers[adapter.projections]:
-            layers[adapter.projections].append(parent)
+    for name, adapter, _ in _projections_by_layer(model):
+        layers.setdefault(adapter.projections, []).append(name)
     if not layers:
         return None
     parts = [rf"(?:{'|'.join(map(re.escape, parents))})\.(?:{'|'.join(map(re.escape, projs))})"
