@@ -42,12 +42,14 @@ class ConversionConfig:
     variant: str = field(default="cbsa", metadata={
         "flag": "--variant", **_choices(lambda: sorted(VARIANTS)),
         "help": "attention variant: cbsa (extract, contract among representatives, broadcast), contraction_free "
-                "(no contraction; Agent-Attention-like) or linear (kernelised linear attention); see "
-                "vit2cbsa.attention"})
+                "(no contraction; Agent-Attention-like), linear (kernelised linear attention), multiscale (exact "
+                "class token, fine keys near each patch and coarse ones far away in one softmax: dense features; "
+                "--preset dense) or window (ViTDet's windowed attention); see vit2cbsa.attention"})
     num_representatives: Tuple[int, int] = field(default=(8, 8), metadata={
         "flag": "--representatives", "parse": _grid, "metavar": "N|HxW",
         "help": "pooled representatives per head: a square count (64 = an 8x8 grid) or an HxW grid; an axis longer "
-                "than the input's patch grid is clamped to it. Ignored by linear"})
+                "than the input's patch grid is clamped to it. multiscale: the coarse grid of its far field. "
+                "Ignored by linear and window"})
     layers: Layers = field(default=None, metadata={
         "flag": "--layers", "parse": specs.parse_layers, "metavar": "SPEC",
         "help": "attention layers to convert, in block order: all, an index (-1: the last), indices 0,1,2 or a slice "
@@ -64,6 +66,14 @@ class ConversionConfig:
         "flag": "--prefix-broadcast", **_choices(lambda: list(PREFIX_BROADCASTS)),
         "help": "own: a prefix token that is a representative reads back only its own representative (its output "
                 "is the pretrained attention's at conversion); all: it reads all of them"})
+    window: int = field(default=8, metadata={
+        "flag": "--window", "parse": int, "metavar": "B",
+        "help": "multiscale and window: side, in patch tokens, of the windows the patch grid is cut into; window "
+                "attends within its own window, multiscale at fine resolution to its window and the 8 around it"})
+    fine_pool: int = field(default=2, metadata={
+        "flag": "--fine-pool", "parse": int, "metavar": "F",
+        "help": "multiscale: side of the FxF cells its near field is average-pooled into (1: exact keys); divides "
+                "--window"})
 
     def __post_init__(self) -> None:
         def choose(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -81,6 +91,11 @@ class ConversionConfig:
             raise UsageError(str(e)) from None
         object.__setattr__(self, "num_representatives", grid)
         object.__setattr__(self, "layers", specs.normalize_layers(self.layers))
+        for name in ("window", "fine_pool"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive int, got {value!r}")
+        VARIANTS[self.variant].check_options(**self.mixer_options())
         if not variant_uses_representatives(self.variant):  # nothing to place next to the grid or broadcast
             object.__setattr__(self, "extra_representatives", "none")
             object.__setattr__(self, "prefix_broadcast", "all")
@@ -109,6 +124,20 @@ class ConversionConfig:
         if unknown:
             raise UsageError(f"unknown conversion option {unknown[0]!r}; options: {', '.join(cls.field_names())}")
         return (config or cls()).replace(**overrides) if overrides else (config or cls())
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ConversionConfig":
+        """A named set of options (:data:`PRESETS`), with keyword ``overrides`` of any field; e.g.
+        ``ConversionConfig.preset("dense")`` (``--preset dense``): the ``multiscale`` variant for patch features at
+        high resolution (segmentation, DINOv2 / CLIP features)."""
+        return cls.build(None, **{**preset_options(name), **overrides})
+
+    def mixer_options(self) -> Dict[str, Any]:
+        """The options every layer's mixer is built from: the fields but ``variant`` and ``layers``, by the
+        keyword names of :func:`vit2cbsa.attention.build_mixer` (``rep_grid`` for ``num_representatives``)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("variant", "layers")}
+        d["rep_grid"] = d.pop("num_representatives")
+        return d
 
     def replace(self, **changes: Any) -> "ConversionConfig":
         """A copy with ``changes`` applied (validated again)."""
@@ -165,6 +194,10 @@ class ConversionConfig:
         argument group; flag, help and choices from the field metadata). Every option defaults to ``None`` (not
         given), so :meth:`given` / :meth:`from_arguments` can tell what the user set."""
         shown = defaults or cls()
+        if only is None:
+            parser.add_argument("--preset", dest="preset", default=None, choices=sorted(PRESETS),
+                                help="start from a named set of conversion options, which the options given "
+                                     "here override: " + "; ".join(f"{k}: {v['help']}" for k, v in PRESETS.items()))
         for name, meta in cls.cli_fields():
             if only is not None and name not in only:
                 continue
@@ -179,9 +212,12 @@ class ConversionConfig:
 
     @classmethod
     def given(cls, namespace: argparse.Namespace) -> Dict[str, Any]:
-        """The conversion options the user set on the command line (those not ``None``)."""
-        return {name: getattr(namespace, name) for name, _ in cls.cli_fields()
-                if getattr(namespace, name, None) is not None}
+        """The conversion options the user set on the command line (those not ``None``), over the options of the
+        ``--preset`` given, if any."""
+        preset = getattr(namespace, "preset", None)
+        return {**(preset_options(preset) if preset else {}),
+                **{name: getattr(namespace, name) for name, _ in cls.cli_fields()
+                   if getattr(namespace, name, None) is not None}}
 
     @classmethod
     def from_arguments(cls, namespace: argparse.Namespace,
@@ -190,10 +226,26 @@ class ConversionConfig:
         return (base or cls()).replace(**cls.given(namespace))
 
 
+#: named sets of conversion options (:meth:`ConversionConfig.preset`, ``--preset``): name -> fields and a "help"
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "default": {"help": "the defaults (cbsa: the class token exact at conversion, classification)"},
+    "dense": {"variant": "multiscale", "num_representatives": (16, 16), "window": 8, "fine_pool": 2,
+              "help": "patch tokens that stay close to the original's at high resolution (segmentation, dense "
+                      "features): multiscale with 8x8-token windows, 2x2 cells near each token, a 16x16 far grid"},
+}
+
+
+def preset_options(name: str) -> Dict[str, Any]:
+    """The fields of preset ``name`` (:data:`PRESETS`); an unknown name is a :class:`~vit2cbsa.errors.UsageError`."""
+    if name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {k: v for k, v in PRESETS[name].items() if k != "help"}
+
+
 def _cli_text(value: Any) -> str:
     if isinstance(value, list):
         return "x".join(map(str, value)) if len(value) == 2 else ",".join(map(str, value))
     return str(value)
 
 
-__all__ = ["ConversionConfig", "Layers"]
+__all__ = ["ConversionConfig", "Layers", "PRESETS", "preset_options"]

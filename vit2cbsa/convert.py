@@ -157,8 +157,6 @@ def convert(
 
 
 def _convert(model: nn.Module, config: ConversionConfig, inplace: bool, verbose: bool) -> nn.Module:
-    variant, rep_grid, layers, broadcast = config.variant, config.num_representatives, config.layers, config.broadcast
-    extra_representatives, prefix_broadcast = config.extra_representatives, config.prefix_broadcast
     if is_converted(model):
         raise UsageError(
             "vit2cbsa: this model is already converted (it contains CBSA-family attention). Convert the "
@@ -179,7 +177,7 @@ def _convert(model: nn.Module, config: ConversionConfig, inplace: bool, verbose:
             "(timm.layers.Attention) and Hugging Face ViT, DeiT, DINOv2, CLIP/SigLIP vision towers. "
             "Register an adapter with vit2cbsa.adapters.register_adapter for another family."
         )
-    selected = select_layers(layers, [(n, m) for n, m, _ in candidates])
+    selected = select_layers(config.layers, [(n, m) for n, m, _ in candidates])
     _check_no_cnn_stem(model)
     patch_name, patch_conv = find_patch_embedding(model)
     patch_grid = _native_patch_grid(model, patch_conv)
@@ -193,15 +191,13 @@ def _convert(model: nn.Module, config: ConversionConfig, inplace: bool, verbose:
     layout = TokenLayout()
     replacements = []
     # named as after merge_and_unload() when LoRA wraps the patch embedding
-    info = ConversionInfo(variant, rep_grid, broadcast, len(candidates),
-                          patch_embedding=patch_name.replace(".base_layer", ""),
-                          extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast,
-                          patch_grid=patch_grid)
+    info = ConversionInfo(config.replace(layers=None), len(candidates),
+                          patch_embedding=patch_name.replace(".base_layer", ""), patch_grid=patch_grid)
     for i in selected:
         name, module, adapter = candidates[i]
         spec = adapter.describe(module)
-        mixer = build_mixer(variant, spec.num_heads, spec.head_dim, rep_grid, broadcast, spec.scale,
-                            extra_representatives, prefix_broadcast)
+        mixer = build_mixer(config.variant, spec.num_heads, spec.head_dim, scale=spec.scale,
+                            **config.mixer_options())
         new = adapter.build(module, mixer, layout)
         new.train(module.training)
         ref = next(module.parameters(), None)

@@ -40,18 +40,36 @@ class ConvertedLayer:
 class ConversionInfo:
     """What :func:`convert` did; attached to the model as ``model.vit2cbsa_info``."""
 
-    variant: str
-    num_representatives: Tuple[int, int]
-    broadcast: str
+    #: the options applied (``layers``: as asked; :attr:`config` has the indices converted)
+    conversion: ConversionConfig
     num_attention_layers: int
     converted: List[ConvertedLayer] = field(default_factory=list)
     patch_embedding: str = ""
     new_parameters: int = 0
     library_version: str = __version__
-    extra_representatives: str = "none"
-    prefix_broadcast: str = "all"
     #: the patch grid of the model's own input size, where the model has one (``None`` otherwise)
     patch_grid: Optional[Tuple[int, int]] = None
+
+    # the options, read from the one ConversionConfig (a new option needs no field here)
+    @property
+    def variant(self) -> str:
+        return self.conversion.variant
+
+    @property
+    def num_representatives(self) -> Tuple[int, int]:
+        return self.conversion.num_representatives
+
+    @property
+    def broadcast(self) -> str:
+        return self.conversion.broadcast
+
+    @property
+    def extra_representatives(self) -> str:
+        return self.conversion.extra_representatives
+
+    @property
+    def prefix_broadcast(self) -> str:
+        return self.conversion.prefix_broadcast
 
     @property
     def converted_indices(self) -> List[int]:
@@ -98,23 +116,36 @@ class ConversionInfo:
     def config(self) -> ConversionConfig:
         """The :class:`~vit2cbsa.config.ConversionConfig` that rebuilds this conversion on the original model
         (``layers``: the indices converted)."""
-        return ConversionConfig(self.variant, tuple(self.num_representatives), tuple(self.converted_indices),
-                                self.broadcast, self.extra_representatives, self.prefix_broadcast)
+        return self.conversion.replace(layers=tuple(self.converted_indices))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["num_representatives"] = list(self.num_representatives)
+        """JSON-ready: the options (:meth:`ConversionConfig.to_dict`, ``layers`` the indices converted) and what
+        was converted."""
+        d = {k: v for k, v in asdict(self).items() if k != "conversion"}
         d["patch_grid"] = list(self.patch_grid) if self.patch_grid is not None else None
-        return d
+        return {**self.config.to_dict(), **d}
 
     def __str__(self) -> str:
-        how = "" if not variant_uses_representatives(self.variant) else f" ({self.representatives_text(patch_grid=self.patch_grid)}, broadcast={self.broadcast!r})"
+        if variant_uses_representatives(self.variant):
+            how = f" ({self.representatives_text(patch_grid=self.patch_grid)}, broadcast={self.broadcast!r})"
+        else:
+            how = _options_text(self.conversion)
         rows = [
             f"vit2cbsa: converted {len(self.converted)}/{self.num_attention_layers} attention layers to "
             f"{self.variant!r}{how}; patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",
         ]
         rows += [f"  [{l.index:>2}] {l.name}  ({l.family}, {l.num_heads} heads x {l.head_dim})" for l in self.converted]
         return "\n".join(rows)
+
+
+def _options_text(config: ConversionConfig) -> str:
+    """The options a variant without representatives reads besides the representative ones, e.g.
+    ``" (window=8, fine_pool=2, far grid 16x16)"`` for multiscale; ``""`` for linear."""
+    options = {"multiscale": f"window={config.window}, fine_pool={config.fine_pool}, far grid "
+                             f"{config.num_representatives[0]}x{config.num_representatives[1]}",
+               "window": f"window={config.window}"}
+    text = options.get(config.variant)
+    return f" ({text})" if text else ""
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -142,9 +173,9 @@ def saved_config(conv: Mapping[str, Any]) -> ConversionConfig:
     """The :class:`~vit2cbsa.config.ConversionConfig` of the ``"conversion"`` entry of a saved
     ``vit2cbsa_config.json`` (``converted_layers`` are its layers; options newer than the folder take
     :data:`SAVED_DEFAULTS`). A bad value is a :class:`~vit2cbsa.errors.UsageError` naming it."""
+    options = {k: conv[k] for k in ConversionConfig.field_names() if k in conv and k != "layers"}
     return ConversionConfig.from_dict(
-        {"variant": conv["variant"], "num_representatives": tuple(conv["num_representatives"]),
-         "layers": list(conv["converted_layers"]), "broadcast": conv["broadcast"],
+        {**options, "num_representatives": tuple(conv["num_representatives"]), "layers": list(conv["converted_layers"]),
          **{k: conv.get(k, v) for k, v in SAVED_DEFAULTS.items()}})
 
 

@@ -22,7 +22,7 @@ A variant is a :class:`Mixer` subclass with a ``name``, registered with
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Tuple
+from typing import Any, ClassVar, Optional, Tuple
 
 import torch
 from torch import nn
@@ -82,10 +82,17 @@ class Mixer(nn.Module):
     @classmethod
     def from_options(cls, num_heads: int, head_dim: int, *, rep_grid: Tuple[int, int], broadcast: str = "key",
                      scale: Optional[float] = None, extra_representatives: str = "none",
-                     prefix_broadcast: str = "all") -> "Mixer":
+                     prefix_broadcast: str = "all", **options: Any) -> "Mixer":
         """The mixer of one layer of ``num_heads`` heads of width ``head_dim``, from the conversion options
-        (``scale``: the pretrained layer's attention scale). Default: ``cls(num_heads, head_dim)``."""
+        (``scale``: the pretrained layer's attention scale; ``options``: every other
+        :class:`~vit2cbsa.config.ConversionConfig` field but ``variant`` and ``layers``, by name, so a new option
+        reaches the mixers that take it and no other code). Default: ``cls(num_heads, head_dim)``."""
         return cls(num_heads, head_dim)
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Refuse (:class:`~vit2cbsa.errors.UsageError`) conversion options (``ConversionConfig`` fields, by name)
+        that this variant cannot build from; called when a config naming the variant is made. Default: accept."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """The context ``kappa E V`` (``B x H x N x d``) of ``q, k, v`` (``B x H x N x d``) laid out as ``layout``."""

@@ -53,7 +53,7 @@ For analysis, :meth:`CBSAMixer.maps` returns those forward steps as a :class:`~v
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.fx
@@ -140,8 +140,8 @@ class CBSAMixer(Mixer):
     @classmethod
     def from_options(cls, num_heads: int, head_dim: int, *, rep_grid: Tuple[int, int], broadcast: str = "key",
                      scale: Optional[float] = None, extra_representatives: str = "none",
-                     prefix_broadcast: str = "all") -> "CBSAMixer":
-        """The mixer of one layer from the conversion options (every one of them applies)."""
+                     prefix_broadcast: str = "all", **_: Any) -> "CBSAMixer":
+        """The mixer of one layer from the conversion options (every representative option applies)."""
         return cls(num_heads, head_dim, rep_grid, broadcast=broadcast, scale=scale,
                    extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast)
 

@@ -3,13 +3,13 @@
 :func:`register_variant` (a class decorator) adds a variant, :func:`build_mixer` builds one layer's mixer
 of a variant by name through :meth:`Mixer.from_options <vit2cbsa.attention.base.Mixer.from_options>`;
 ``vit2cbsa.convert``, the command line and saved configs all read :data:`VARIANTS`. The built-in variants
-register themselves in their own files (``cbsa``, ``contraction_free``, ``linear``).
+register themselves in their own files (``cbsa``, ``contraction_free``, ``linear``, ``multiscale``, ``window``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 from ..errors import UsageError
 from .base import Mixer
@@ -58,11 +58,13 @@ def variant_uses_representatives(name: str) -> bool:
 
 def build_mixer(variant: str, num_heads: int, head_dim: int, rep_grid: Tuple[int, int], broadcast: str,
                 scale: Optional[float] = None, extra_representatives: str = "none",
-                prefix_broadcast: str = "all") -> Mixer:
-    """The token mixer of ``variant`` for one layer (:meth:`Mixer.from_options` of its registered class)."""
-    return _known(variant).from_options(num_heads, head_dim, rep_grid=rep_grid, broadcast=broadcast, scale=scale,
-                                        extra_representatives=extra_representatives,
-                                        prefix_broadcast=prefix_broadcast)
+                prefix_broadcast: str = "all", **options: Any) -> Mixer:
+    """The token mixer of ``variant`` for one layer (:meth:`Mixer.from_options` of its registered class;
+    ``options``: the other conversion options by field name, e.g. ``window=8``)."""
+    cls = _known(variant)
+    cls.check_options(**options)
+    return cls.from_options(num_heads, head_dim, rep_grid=rep_grid, broadcast=broadcast, scale=scale,
+                            extra_representatives=extra_representatives, prefix_broadcast=prefix_broadcast, **options)
 
 
 __all__ = ["VARIANTS", "build_mixer", "register_variant", "unregister_variant", "variant_uses_representatives"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .costs import CostReport, change, human
+from ..info import saved_config
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 
@@ -48,14 +49,8 @@ def render_model_card(
     if metrics and dataset:
         eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=k,
                                    metric_value=float(v)) for k, v in metrics.items()]
-    options = {
-        "variant": conv["variant"],
-        "num_representatives": [gh, gw],
-        "broadcast": conv["broadcast"],
-        "extra_representatives": conv.get("extra_representatives", "none"),
-        "prefix_broadcast": conv.get("prefix_broadcast", "all"),
-        "converted_layers": conv["converted_layers"],
-    }
+    options = {**{k: v for k, v in saved_config(conv).to_dict().items() if k != "layers"},
+               "converted_layers": conv["converted_layers"]}
     data = ModelCardData(
         library_name="vit2cbsa",
         license=license,
@@ -78,7 +73,7 @@ def render_model_card(
         num_attention_layers=conv["num_attention_layers"], variant=options["variant"], gh=gh, gw=gw,
         extra_representatives=options["extra_representatives"], prefix_broadcast=options["prefix_broadcast"],
         broadcast=options["broadcast"], library_version=config["library_version"], cost=cost, c=c, h=h, w=w,
-        human=human, change=change, metrics=metrics or {}, dataset=dataset, repo_id=repo_id)
+        human=human, change=change, options=options, metrics=metrics or {}, dataset=dataset, repo_id=repo_id)
     return card.content
 
 

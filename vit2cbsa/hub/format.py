@@ -3,7 +3,8 @@
 ``vit2cbsa_config.json`` (written last, see :mod:`vit2cbsa.hub.save`)::
 
     {"format": "vit2cbsa", "format_version": 3, "library_version": "...",
-     "conversion": {variant, num_representatives: [h, w], broadcast, extra_representatives, prefix_broadcast,
+     "conversion": {every ConversionConfig field but layers (variant, num_representatives: [h, w], broadcast,
+                    extra_representatives, prefix_broadcast, window, fine_pool, ...),
                     converted_layers, num_attention_layers, layer_names},
      "base": BaseModelSpec.to_json(), "base_model": Hub id or null, "dtype": "float32",
      "weights": [safetensors files], "files": {name: {size, sha256}} (every other file of the folder)}
@@ -58,12 +59,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def conversion_json(info: "ConversionInfo") -> Dict[str, Any]:
     """The ``"conversion"`` entry of ``vit2cbsa_config.json`` for a model converted as ``info`` says."""
+    options = {k: v for k, v in info.config.to_dict().items() if k != "layers"}  # every ConversionConfig field
     return {
-        "variant": info.variant,
-        "num_representatives": list(info.num_representatives),
-        "broadcast": info.broadcast,
-        "extra_representatives": info.extra_representatives,
-        "prefix_broadcast": info.prefix_broadcast,
+        **options,
         "converted_layers": info.converted_indices,
         "num_attention_layers": info.num_attention_layers,
         "layer_names": [layer.name for layer in info.converted],
