@@ -74,6 +74,16 @@ FAMILIES = [
 EVERY_VARIANT_FAMILIES = ("timm_vit", "hf_vit")
 
 
+#: conversion options the tiny families' small grids need for a variant to take every path (windows of two or
+#: two patches: several windows at every traced size, padding on odd grids, a far field outside the near one)
+VARIANT_TEST_OPTIONS = {"multiscale": {"window": 2, "fine_pool": 2}, "window": {"window": 2}}
+
+
+def variant_options(variant):
+    """The conversion options of :data:`VARIANT_TEST_OPTIONS` for ``variant`` (none for the others)."""
+    return dict(VARIANT_TEST_OPTIONS.get(variant, {}))
+
+
 def family_variant_cases(variants):
     """``(family, variant)`` pairs: every family with ``variants[0]``, and every variant on
     :data:`EVERY_VARIANT_FAMILIES`; use with ``pytest.mark.parametrize("family, variant", ...)``."""

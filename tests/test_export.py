@@ -24,9 +24,9 @@ from vit2cbsa.adapters.base import MASK_MESSAGE, TORCHSCRIPT_MESSAGE
 from vit2cbsa.layout import GridConv2d, TokenLayout
 from vit2cbsa.pooling import _pool_separable, effective_grid, pool_patches
 
-from conftest import FAMILIES, Family, family_variant_cases
+from conftest import FAMILIES, Family, family_variant_cases, variant_options
 
-VARIANTS = ["cbsa", "contraction_free", "linear"]
+VARIANTS = ["cbsa", "contraction_free", "linear", "multiscale", "window"]
 REPS = 9  # a 3x3 representative grid: unequal windows on most grids, clamped on a 2-patch axis
 FAMILY = {f.name: f for f in FAMILIES}
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -53,7 +53,7 @@ def build(family: Family, variant: Optional[str]) -> nn.Module:
     torch.manual_seed(0)
     model = sharpen(family.build()).eval()
     if variant is not None:
-        vit2cbsa.convert(model, variant, REPS)
+        vit2cbsa.convert(model, variant, REPS, **variant_options(variant))
     return model
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import vit2cbsa
+from conftest import variant_options
 from vit2cbsa.adapters import ConvertedAttention
 
-VARIANTS = ["cbsa", "contraction_free", "linear"]
+VARIANTS = ["cbsa", "contraction_free", "linear", "multiscale", "window"]
 
 
 def _record_layouts(model):
@@ -29,7 +30,7 @@ def test_forward_backward_two_resolutions(family, variant):
     torch.manual_seed(0)
     model = family.build()
     n_attn = sum(1 for _ in model.modules() if type(_).__name__.endswith("Attention") and hasattr(_, "head_dim"))
-    vit2cbsa.convert(model, variant, num_representatives=4)
+    vit2cbsa.convert(model, variant, num_representatives=4, **variant_options(variant))
     info = model.vit2cbsa_info
     assert len(info.converted) == info.num_attention_layers == 2
     assert n_attn >= 2

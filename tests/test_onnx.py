@@ -15,12 +15,12 @@ import torch
 import vit2cbsa
 from vit2cbsa import export
 from vit2cbsa.errors import ExportError
-from conftest import FAMILIES, family_variant_cases
+from conftest import FAMILIES, family_variant_cases, variant_options
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="ONNX Runtime is not installed (pip install 'vit2cbsa[export]')")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'vit2cbsa[export]')")
 
-VARIANTS = ("cbsa", "contraction_free", "linear")
+VARIANTS = ("cbsa", "contraction_free", "linear", "multiscale", "window")
 CASES = [pytest.param(f, None, id=f"{f.name}-original") for f in FAMILIES] + family_variant_cases(VARIANTS)
 
 
@@ -30,7 +30,7 @@ def _build(family, variant):
     if variant is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tiny grids: "representatives not fewer than the patches"
-            vit2cbsa.convert(model, variant, 4)
+            vit2cbsa.convert(model, variant, 4, **variant_options(variant))
         with torch.no_grad():  # step sizes off their initial values, so that they matter
             for p in vit2cbsa.new_parameters(model):
                 p.add_(torch.randn_like(p) * 0.1)

@@ -26,7 +26,9 @@ cost per head is ``O(N (t + 9 (b/f)^2 + gh gw) d)`` plus ``O(t N d)`` for the pr
 
 The far groups' sums come from an integral image of the patch keys and values (cell sum minus the sum of its
 intersection with the window's near field, four look-ups each), so no ``N x N`` or per-token gather is formed.
-Grids not divisible by ``b`` are padded; padded keys form empty groups, masked out of the softmax.
+Grids not divisible by ``b`` are padded; padded keys form empty groups, masked out of the softmax. Traced with
+symbolic sizes (``torch.export``, ``torch.fx``) the steps are the same, through index gathers built from the sizes,
+so the program holds for every grid.
 
 :class:`WindowMixer` (``"window"``) is the anchor that ViTDet and SAM's image encoder use to run a plain ViT at
 high resolution: each patch token attends exactly to the keys of its own ``b x b`` window and to the prefix
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..layout import TokenLayout, is_tracing
+from ..layout import TokenLayout, is_concrete, is_tracing
 from ..pooling import _sym_min
 from .base import Mixer
 from .cbsa_explicit import _without_autocast, compute_dtype
@@ -70,15 +72,22 @@ def _log_size(count: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, beta * count.clamp(min=1).log(), torch.full_like(count, MASKED))
 
 
-def _blocks(x: torch.Tensor, nbh, nbw, b: int) -> torch.Tensor:
-    """``B x H x (nbh b) x (nbw b) x d`` -> ``B x H x nbh x nbw x b^2 x d`` (row-major inside a window)."""
-    B, H, d = x.shape[0], x.shape[1], x.shape[-1]
-    return x.reshape(B, H, nbh, b, nbw, b, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, nbh, nbw, b * b, d)
-
-
-def _unblock(x: torch.Tensor, nbh, nbw, b: int) -> torch.Tensor:
-    B, H, d = x.shape[0], x.shape[1], x.shape[-1]
-    return x.reshape(B, H, nbh, nbw, b, b, d).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, H, nbh * b, nbw * b, d)
+def _window_order(h, w, nbh, nbw, c: int, f: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Index tensors between the row-major ``h x w`` tokens and *window order* ``(I, J, cy, cx, fy, fx)``: window
+    ``(I, J)`` of the ``nbh x nbw`` windows, cell ``(cy, cx)`` of its ``c x c`` cells, token ``(fy, fx)`` of the
+    ``f x f`` cell. ``gather`` (``nbh nbw c^2 f^2``): the token at each window-order position, ``h w`` (a zero
+    row appended after the tokens) where the position is padding; ``scatter`` (``h w``): each token's position.
+    Gathers and splits of contiguous dimensions keep a traced program free of guards on the grid."""
+    b = c * f
+    dev = like.device
+    I, J = torch.arange(nbh, device=dev), torch.arange(nbw, device=dev)
+    cc, ff = torch.arange(c, device=dev), torch.arange(f, device=dev)
+    y = I.view(-1, 1, 1, 1, 1, 1) * b + cc.view(1, 1, -1, 1, 1, 1) * f + ff.view(1, 1, 1, 1, -1, 1)
+    x = J.view(1, -1, 1, 1, 1, 1) * b + cc.view(1, 1, 1, -1, 1, 1) * f + ff.view(1, 1, 1, 1, 1, -1)
+    gather = torch.where((y < h) & (x < w), y * w + x, h * w).reshape(-1)
+    ty, tx = torch.arange(h, device=dev).view(-1, 1), torch.arange(w, device=dev).view(1, -1)
+    scatter = (((((ty // b) * nbw + tx // b) * c + (ty % b) // f) * c + (tx % b) // f) * f + ty % f) * f + tx % f
+    return gather, scatter.reshape(-1)
 
 
 def _edges(size, cells, like: torch.Tensor) -> torch.Tensor:
@@ -183,29 +192,33 @@ class MultiscaleMixer(Mixer):
         b, f = self.window, self.fine_pool
         c = b // f  # fine cells per window side
         beta = self.size_bias.to(qs.dtype).view(1, -1, 1, 1, 1)
-        ph, pw = (-h) % b, (-w) % b
-        nbh, nbw = (h + ph) // b, (w + pw) // b
+        # windows, the last ones padded; traced with symbolic sizes, one more empty row and column of windows, so
+        # that no count of windows can be 1 (torch.export would otherwise specialise the program on it)
+        extra = 0 if is_concrete(h, w) else 1
+        nbh, nbw = (h + b - 1) // b + extra, (w + b - 1) // b + extra
 
-        def grid(x: torch.Tensor, width) -> torch.Tensor:  # B H hw e -> B H h w e
-            return x.reshape(B, H, h, w, width)
+        gather, scatter = _window_order(h, w, nbh, nbw, c, f, qs)
 
-        kx, vx = grid(k[:, :, t:], d), grid(v[:, :, t:], dv)
-        qb = _blocks(F.pad(grid(qs, d), (0, 0, 0, pw, 0, ph)), nbh, nbw, b)  # B H nbh nbw b^2 d
+        def windows(x: torch.Tensor) -> torch.Tensor:  # n0 n1 hw e -> n0 n1 nbh nbw b^2 e (window order, zero-padded)
+            n0, n1, e = x.shape[0], x.shape[1], x.shape[-1]
+            x = torch.cat([x, x.new_zeros(n0, n1, 1, e)], dim=2).index_select(2, gather)
+            return x.reshape(n0, n1, nbh, nbw, b * b, e)
 
-        # near field: f x f cells of the window and its neighbours (zero-padded: empty cells)
-        r = self.halo * c
-        span = c * (2 * self.halo + 1)
-        ones = torch.ones(h, w, dtype=qs.dtype, device=qs.device)
-        cnt = F.pad(ones, (0, pw, 0, ph)).reshape(nbh * c, f, nbw * c, f).sum((1, 3))
-        cnt = F.pad(cnt, (r, r, r, r))
+        qb = windows(qs)  # B H nbh nbw b^2 d
 
-        def near(x: torch.Tensor, width) -> torch.Tensor:  # B H h w e -> B H nbh nbw span^2 e (cell sums)
-            x = F.pad(x, (0, 0, 0, pw, 0, ph)).reshape(B, H, nbh * c, f, nbw * c, f, width).sum((3, 5))
-            x = F.pad(x, (0, 0, r, r, r, r)).unfold(2, span, c).unfold(3, span, c)  # B H nbh nbw e span span
-            return x.permute(0, 1, 2, 3, 5, 6, 4).reshape(B, H, nbh, nbw, span * span, width)
+        # near field: f x f cells of the window and of its neighbours (zero-padded: empty cells)
+        def near(x: torch.Tensor) -> torch.Tensor:  # n0 n1 hw e -> n0 n1 nbh nbw (2 halo + 1)^2 c^2 e (cell sums)
+            x = windows(x)
+            x = x.reshape(x.shape[0], x.shape[1], nbh, nbw, c * c, f * f, x.shape[-1]).sum(-2)
+            if not self.halo:
+                return x
+            x = F.pad(x, (0, 0, 0, 0, self.halo, self.halo, self.halo, self.halo))  # empty windows around the grid
+            span = 2 * self.halo + 1
+            return torch.cat([x[:, :, i:i + nbh, j:j + nbw] for i in range(span) for j in range(span)], dim=-2)
 
-        near_n = cnt.unfold(0, span, c).unfold(1, span, c).reshape(nbh, nbw, span * span)
-        keys, values, sizes = [near(kx, d)], [near(vx, dv)], [near_n]
+        near_n = near(qs.new_ones(1, 1, h * w, 1))[0, 0, ..., 0]  # nbh nbw L_near: tokens in each cell
+        kx, vx = k[:, :, t:], v[:, :, t:]
+        keys, values, sizes = [near(kx)], [near(vx)], [near_n]
 
         if self.far_field:  # the rest of each coarse cell: cell sum minus its intersection with the near field
             gh, gw = _sym_min(self.far_grid[0], h), _sym_min(self.far_grid[1], w)
@@ -226,7 +239,7 @@ class MultiscaleMixer(Mixer):
             rows = (er[:-1][:, None], er[1:][:, None], ec[:-1][None, :], ec[1:][None, :])
             inter = (a_h[:, None, :, None], z_h[:, None, :, None], a_w[None, :, None, :], z_w[None, :, None, :])
             for x, width, out in ((kx, d, keys), (vx, dv, values)):
-                S = _integral(x)
+                S = _integral(x.reshape(B, H, h, w, width))
                 rest = _rect(S, *rows)[:, :, None, None] - _rect(S, *inter)  # B H nbh nbw gh gw e
                 out.append(rest.reshape(B, H, nbh, nbw, gh * gw, width))
             sizes.append(far_n)
@@ -242,8 +255,8 @@ class MultiscaleMixer(Mixer):
         bias = torch.cat([torch.zeros(1, H, nbh, nbw, t, dtype=qs.dtype, device=qs.device),
                           _log_size(n[None, None], beta).expand(1, H, nbh, nbw, n.shape[-1])], dim=-1)
         attn = torch.softmax(qb @ kg.transpose(-2, -1) + bias[..., None, :], dim=-1)  # B H nbh nbw b^2 (t+L)
-        out = _unblock(attn @ vg, nbh, nbw, b)  # B H (nbh b) (nbw b) dv
-        return out[:, :, :h, :w].reshape(B, H, h * w, dv)
+        out = (attn @ vg).reshape(B, H, nbh * nbw * b * b, dv)  # window order
+        return out.index_select(2, scatter)
 
 
 @register_variant
