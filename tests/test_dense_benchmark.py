@@ -153,3 +153,20 @@ def test_run_on_a_local_folder_writes_sane_metrics(tiny_run, dense):
     md = (out / "dense.md").read_text()
     dense.main(["--from-json", str(out / "dense.json")])
     assert (out / "dense.md").read_text() == md
+
+
+def test_run_on_a_transformers_folder(tiny_run, dense, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(tmp_path / "hf")
+    data = tiny_run[1].parent / "data"
+    result = dense.main(["--model", str(tmp_path / "hf"), "--dataset", str(data), "--resolution", "128",
+                         "--num-classes", "4", "--methods", "original,cbsa", "--no-vit-s", "--repeats", "1",
+                         "--probe-epochs", "2", "--threads", "1", "--out", str(tmp_path / "out")])
+    assert result["prefix_tokens"] == 1 and result["blocks"] == 2 and result["token_counts"] == [257]
+    orig, cbsa = result["results"]["original"]["257"], result["results"]["cbsa"]["257"]
+    assert orig["patch_cosine"] == pytest.approx(1.0, abs=1e-5) and 0.0 <= cbsa["miou"] <= 1.0
+    assert cbsa["flops"] < orig["flops"]
