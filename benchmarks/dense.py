@@ -730,7 +730,7 @@ def run(args, model: Optional[nn.Module] = None) -> dict:
         counts = [inputs.prefix + (s // patch) ** 2 for s in sides]
         data_desc = f"{args.dataset}: {len(train_pairs)} train + {len(test_pairs)} test images"
     log(f"{data_desc}; {num_classes} classes; token counts {counts}")
-    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "command": " ".join(sys.argv),
+    result = {"date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "command": " ".join(sys.argv), "code": code_version(),
               "model": args.model if model is None else type(model).__name__, "dataset": args.dataset,
               "data": data_desc, "num_classes": num_classes, "blocks": len(blocks_of(base)),
               "prefix_tokens": inputs.prefix, "patch": patch, "token_counts": counts,
@@ -770,6 +770,19 @@ def run(args, model: Optional[nn.Module] = None) -> dict:
     render(result, args.out)
     log(f"wrote {args.out}/dense.json, .md, .png in {result['runtime_s'] / 60:.1f} min")
     return result
+
+
+def code_version() -> dict:
+    """The checkout's commit and whether ``vit2cbsa/`` had uncommitted changes (None outside a git checkout)."""
+    import subprocess
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "vit2cbsa_dirty": bool(git("status", "--porcelain", "vit2cbsa"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "vit2cbsa_dirty": None}
 
 
 def mosaics(images: int, k: int) -> int:

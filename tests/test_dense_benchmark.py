@@ -129,6 +129,7 @@ def test_run_on_a_local_folder_writes_sane_metrics(tiny_run, dense):
     result, out = tiny_run
     saved = json.loads((out / "dense.json").read_text())
     assert saved["token_counts"] == result["token_counts"] == [65, 257]
+    assert set(saved["code"]) == {"commit", "vit2cbsa_dirty"}
     assert (out / "dense.md").is_file() and (out / "dense.png").stat().st_size > 0
     res = saved["results"]
     for name in ("original", "cbsa", "hybrid"):
