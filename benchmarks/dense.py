@@ -904,6 +904,8 @@ def plot(result: dict, path: Path) -> None:
             if pts:
                 ax.plot(*zip(*sorted(pts)), marker="o", label=name)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(result["token_counts"], [f"{t:,}" for t in result["token_counts"]])
         ax.set_xlabel("tokens")
         ax.set_title(title)
         ax.grid(alpha=0.3)
