@@ -229,9 +229,11 @@ class ConversionConfig:
 #: named sets of conversion options (:meth:`ConversionConfig.preset`, ``--preset``): name -> fields and a "help"
 PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {"help": "the defaults (cbsa: the class token exact at conversion, classification)"},
-    "dense": {"variant": "multiscale", "num_representatives": (16, 16), "window": 8, "fine_pool": 2,
+    "dense": {"variant": "multiscale", "num_representatives": (24, 24), "window": 8, "fine_pool": 2,
               "help": "patch tokens that stay close to the original's at high resolution (segmentation, dense "
-                      "features): multiscale with 8x8-token windows, 2x2 cells near each token, a 16x16 far grid"},
+                      "features): multiscale with 8x8-token windows, 2x2 cells near each token, a 24x24 far grid"},
+    "dense-fast": {"variant": "multiscale", "num_representatives": (16, 16), "window": 8, "fine_pool": 2,
+                   "help": "dense with a 16x16 far grid: faster, patch tokens further from the original's"},
 }
 
 

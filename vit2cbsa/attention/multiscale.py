@@ -6,26 +6,29 @@ projections, ``s`` the pretrained scale, the first ``t`` tokens are prefix token
 
     prefix token i:   out_i = kappa softmax(s q_i K^T) V                         (all N keys: exact)
 
-    patch token i in window W (the grid cut into b x b windows, b = ``window``):
-        groups G(i) -- a partition of the N keys, each key in exactly one group:
-            every prefix key on its own                                          (n_g = 1)
-            the f x f cells (f = ``fine_pool``) of W and of its 8 neighbours     (near field, fine)
-            the rest of each cell of a gh x gw grid over the patches             (far field, coarse:
-              (``num_representatives``), less the keys already in the near field   cell minus near field)
-        k_g = mean of the keys in g,  v_g = mean of their values,  n_g = |g|
+    patch token i in window W (the grid cut into b x b windows, b = ``window``), one softmax over the groups:
+        every prefix key on its own                                 k_g = k_j,            n_g = 1
+        the f x f cells (f = ``fine_pool``) of W and of its          k_g, v_g: the cell's   n_g = its keys
+          8 neighbouring windows (near field, fine)                   mean key and value
+        each cell c of a gh x gw grid over the patches              k_c, v_c: the cell's   n_g = its keys outside
+          (``num_representatives``; far field, coarse)                mean key and value     the near field of W
         out_i = kappa sum_g softmax_g(s q_i . k_g + beta log n_g) v_g
 
-``beta log n_g`` is the size bias (ToMe's proportional attention, PVT's spatial reduction with the group's size
-restored): with ``beta = 1`` a group of ``n`` identical keys gets exactly the weight its ``n`` keys get in the
-pretrained softmax, so when every key of a group is the same the layer *is* the pretrained layer, and with
-``fine_pool = 1`` and a near field covering the whole grid it is the pretrained layer exactly. The class token
-is exact at conversion whatever the grid. ``kappa`` (broadcast step, starts at 1) and ``beta`` (``size_bias``,
-starts at 1) are learnable per head. Near and far groups of a window are shared by its ``b^2`` queries, so per
-patch token the softmax runs over ``t + 9 (b/f)^2 + gh gw`` groups, a count that does not grow with ``N``: the
-cost per head is ``O(N (t + 9 (b/f)^2 + gh gw) d)`` plus ``O(t N d)`` for the prefix: linear in ``N``.
+Every key is counted once: a far cell lying wholly in the near field has ``n_g = 0`` and is masked out; one that
+overlaps its edge is weighted by the keys it has left. ``beta log n_g`` is the size bias (ToMe's proportional
+attention, PVT's spatial reduction with the group's size restored): with ``beta = 1`` a group of ``n`` identical
+keys gets exactly the weight its ``n`` keys get in the pretrained softmax, so when the keys and values of every
+group are equal the layer *is* the pretrained layer, and with ``fine_pool = 1`` and a near field covering the whole
+grid it is the pretrained layer exactly. The class token is exact at conversion whatever the grid. ``kappa``
+(broadcast step, starts at 1) and ``beta`` (``size_bias``, starts at 1) are learnable per head.
 
-The far groups' sums come from an integral image of the patch keys and values (cell sum minus the sum of its
-intersection with the window's near field, four look-ups each), so no ``N x N`` or per-token gather is formed.
+Per patch token the softmax runs over ``9 (b/f)^2`` near groups and ``t + gh gw`` shared ones, counts that do not
+grow with ``N``: the cost per head is ``O(N (9 (b/f)^2 + t + gh gw) d)`` plus ``O(t N d)`` for the prefix, linear
+in ``N``. The near groups are gathered per window and shared by its ``b^2`` queries, the prefix keys and the far
+cells' means are the same for every window (the window enters only through the counts ``n_g``): one fused
+``scaled_dot_product_attention`` call over every (head, window), the size biases as its additive mask. The cells' means are two separable
+averaging matmuls over the patch keys and values, the counts from the cell and window edges (no ``N x N`` or per-token
+gather is formed).
 Grids not divisible by ``b`` are padded; padded keys form empty groups, masked out of the softmax. Traced with
 symbolic sizes (``torch.export``, ``torch.fx``) the steps are the same, through index gathers built from the sizes,
 so the program holds for every grid.
@@ -40,7 +43,7 @@ gives the whole layer as one token-to-token operator ``out = kappa E V`` (the sa
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.fx
@@ -95,14 +98,11 @@ def _edges(size, cells, like: torch.Tensor) -> torch.Tensor:
     return torch.div(torch.arange(cells + 1, device=like.device) * size, cells, rounding_mode="floor")
 
 
-def _integral(x: torch.Tensor) -> torch.Tensor:
-    """``B x H x h x w x d`` -> its integral image ``B x H x (h+1) x (w+1) x d`` (``S[r, c]``: sum over ``< r, < c``)."""
-    return F.pad(x.cumsum(2).cumsum(3), (0, 0, 1, 0, 1, 0))
-
-
-def _rect(S: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
-    """Sums over the rectangles ``[r0, r1) x [c0, c1)`` (index tensors broadcast together) from an integral image."""
-    return S[:, :, r1, c1] - S[:, :, r0, c1] - S[:, :, r1, c0] + S[:, :, r0, c0]
+def _cell_means(edges: torch.Tensor, size, like: torch.Tensor) -> torch.Tensor:
+    """``cells x size`` matrix averaging a 1-D axis over the runs ``[edges[j], edges[j+1])``."""
+    r = torch.arange(size, device=like.device)
+    inside = ((r >= edges[:-1, None]) & (r < edges[1:, None])).to(like.dtype)
+    return inside / inside.sum(dim=1, keepdim=True)
 
 
 @register_variant
@@ -207,56 +207,68 @@ class MultiscaleMixer(Mixer):
         qb = windows(qs)  # B H nbh nbw b^2 d
 
         # near field: f x f cells of the window and of its neighbours (zero-padded: empty cells)
-        def near(x: torch.Tensor) -> torch.Tensor:  # n0 n1 hw e -> n0 n1 nbh nbw (2 halo + 1)^2 c^2 e (cell sums)
+        def cells(x: torch.Tensor) -> torch.Tensor:  # n0 n1 hw e -> n0 n1 nbh nbw c^2 e: each window's cell sums
             x = windows(x)
-            x = x.reshape(x.shape[0], x.shape[1], nbh, nbw, c * c, f * f, x.shape[-1]).sum(-2)
+            return x.reshape(x.shape[0], x.shape[1], nbh, nbw, c * c, f * f, x.shape[-1]).sum(-2)
+
+        def near(x: torch.Tensor) -> List[torch.Tensor]:  # the window's and its neighbours' cells (empty off the grid)
             if not self.halo:
-                return x
-            x = F.pad(x, (0, 0, 0, 0, self.halo, self.halo, self.halo, self.halo))  # empty windows around the grid
+                return [x]
+            x = F.pad(x, (0, 0, 0, 0, self.halo, self.halo, self.halo, self.halo))
             span = 2 * self.halo + 1
-            return torch.cat([x[:, :, i:i + nbh, j:j + nbw] for i in range(span) for j in range(span)], dim=-2)
+            return [x[:, :, i:i + nbh, j:j + nbw] for i in range(span) for j in range(span)]
 
-        near_n = near(qs.new_ones(1, 1, h * w, 1))[0, 0, ..., 0]  # nbh nbw L_near: tokens in each cell
+        cell_n = cells(qs.new_ones(1, 1, h * w, 1))  # 1 1 nbh nbw c^2 1: tokens in each cell
+        near_n = torch.cat(near(cell_n), dim=-2)[0, 0, ..., 0]  # nbh nbw Ln
         kx, vx = k[:, :, t:], v[:, :, t:]
-        keys, values, sizes = [near(kx)], [near(vx)], [near_n]
+        kn, vn = near(cells(kx) / cell_n.clamp(min=1)), near(cells(vx) / cell_n.clamp(min=1))  # cell means
+        bias_n = _log_size(near_n, beta)  # 1 H nbh nbw Ln
 
-        if self.far_field:  # the rest of each coarse cell: cell sum minus its intersection with the near field
+        # shared groups, the same keys for every window: the prefix keys (one group each, bias beta log 1 = 0) and
+        # the far cells' mean keys, weighted by the number of their keys outside the window's near field
+        # (and one empty group, masked, so that the shared part is never empty: no prefix and no far field)
+        ks, vs = [k[:, :, :t], qs.new_zeros(B, H, 1, d)], [v[:, :, :t], v.new_zeros(B, H, 1, dv)]
+        bias_s = [qs.new_zeros(1, H, nbh, nbw, t), qs.new_full((1, H, nbh, nbw, 1), MASKED)]
+        if self.far_field:
             gh, gw = _sym_min(self.far_grid[0], h), _sym_min(self.far_grid[1], w)
             er, ec = _edges(h, gh, qs), _edges(w, gw, qs)
-            blk_h = torch.arange(nbh, device=qs.device)
-            blk_w = torch.arange(nbw, device=qs.device)
-            lo_h = ((blk_h - self.halo) * b).clamp(min=0)[:, None]  # near rows of each window row: [lo, hi)
-            hi_h = torch.minimum(((blk_h + 1 + self.halo) * b)[:, None], er[-1:])
-            lo_w = ((blk_w - self.halo) * b).clamp(min=0)[:, None]
-            hi_w = torch.minimum(((blk_w + 1 + self.halo) * b)[:, None], ec[-1:])
-            a_h = torch.maximum(er[None, :-1], lo_h)  # nbh x gh: intersection rows [a_h, z_h)
-            z_h = torch.maximum(a_h, torch.minimum(er[None, 1:], hi_h))
-            a_w = torch.maximum(ec[None, :-1], lo_w)
-            z_w = torch.maximum(a_w, torch.minimum(ec[None, 1:], hi_w))
-            cell_n = (er[1:] - er[:-1])[:, None] * (ec[1:] - ec[:-1])[None, :]  # gh x gw
-            inter_n = (z_h - a_h)[:, None, :, None] * (z_w - a_w)[None, :, None, :]  # nbh nbw gh gw
-            far_n = (cell_n - inter_n).reshape(nbh, nbw, gh * gw).to(qs.dtype)
-            rows = (er[:-1][:, None], er[1:][:, None], ec[:-1][None, :], ec[1:][None, :])
-            inter = (a_h[:, None, :, None], z_h[:, None, :, None], a_w[None, :, None, :], z_w[None, :, None, :])
-            for x, width, out in ((kx, d, keys), (vx, dv, values)):
-                S = _integral(x.reshape(B, H, h, w, width))
-                rest = _rect(S, *rows)[:, :, None, None] - _rect(S, *inter)  # B H nbh nbw gh gw e
-                out.append(rest.reshape(B, H, nbh, nbw, gh * gw, width))
-            sizes.append(far_n)
+            rows, cols = _cell_means(er, h, qs), _cell_means(ec, w, qs)  # gh x h, gw x w
+            def means(x, width):
+                x = rows @ x.reshape(B, H, h, w * width)  # B H gh (w e)
+                x = cols @ x.reshape(B, H, gh, w, width)  # B H gh gw e: the cells' means
+                return x.reshape(B, H, gh * gw, width)
+            ks.append(means(kx, d))
+            vs.append(means(vx, dv))
+            bias_s.append(_log_size(self._far_counts(er, ec, nbh, nbw, h, w).to(qs.dtype), beta))
+        ks, vs, bias_s = torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), torch.cat(bias_s, dim=-1)
 
-        n = torch.cat(sizes, dim=-1)  # nbh nbw L (patch groups)
-        mean = n.clamp(min=1)[..., None]
-        kg = torch.cat(keys, dim=-2) / mean
-        vg = torch.cat(values, dim=-2) / mean
-        # prefix keys: one group each, size bias beta log 1 = 0; shared by every window
-        kp = k[:, :, :t][:, :, None, None].expand(B, H, nbh, nbw, t, d)
-        vp = v[:, :, :t][:, :, None, None].expand(B, H, nbh, nbw, t, dv)
-        kg, vg = torch.cat([kp, kg], dim=-2), torch.cat([vp, vg], dim=-2)
-        bias = torch.cat([torch.zeros(1, H, nbh, nbw, t, dtype=qs.dtype, device=qs.device),
-                          _log_size(n[None, None], beta).expand(1, H, nbh, nbw, n.shape[-1])], dim=-1)
-        attn = torch.softmax(qb @ kg.transpose(-2, -1) + bias[..., None, :], dim=-1)  # B H nbh nbw b^2 (t+L)
-        out = (attn @ vg).reshape(B, H, nbh * nbw * b * b, dv)  # window order
+        # one softmax per window over [near groups | shared groups] (the window's b^2 queries share its keys and
+        # biases): one fused attention call over every (head, window), the size bias as its additive mask
+        L = near_n.shape[-1] + ks.shape[-2]
+        keys = torch.cat(kn + [ks[:, :, None, None].expand(B, H, nbh, nbw, ks.shape[-2], ks.shape[-1])], dim=-2)
+        vals = torch.cat(vn + [vs[:, :, None, None].expand(B, H, nbh, nbw, vs.shape[-2], dv)], dim=-2)
+        bias = torch.cat([bias_n, bias_s], dim=-1)  # 1 H nbh nbw L
+        out = F.scaled_dot_product_attention(
+            qb.reshape(B, H * nbh * nbw, b * b, -1), keys.reshape(B, H * nbh * nbw, L, -1),
+            vals.reshape(B, H * nbh * nbw, L, dv), attn_mask=bias.reshape(1, H * nbh * nbw, 1, L), scale=1.0)
+        out = out.reshape(B, H, nbh * nbw * b * b, dv)  # window order
         return out.index_select(2, scatter)
+
+    def _far_counts(self, er: torch.Tensor, ec: torch.Tensor, nbh, nbw, h, w) -> torch.Tensor:
+        """``nbh x nbw x (gh gw)``: the keys of each far cell outside each window's near field (cell edges ``er``,
+        ``ec``; the near field of window ``(I, J)`` is rows ``[(I - halo) b, (I + 1 + halo) b)``, columns alike)."""
+        b = self.window
+
+        def outside(edges: torch.Tensor, blocks, size) -> torch.Tensor:  # blocks x cells: rows of the cell inside
+            i = torch.arange(blocks, device=edges.device)[:, None]
+            lo = ((i - self.halo) * b).clamp(min=0)
+            hi = torch.minimum((i + 1 + self.halo) * b, edges[-1:])
+            return (torch.minimum(edges[None, 1:], hi) - torch.maximum(edges[None, :-1], lo)).clamp(min=0)
+
+        rows, cols = outside(er, nbh, h), outside(ec, nbw, w)  # nbh x gh, nbw x gw: overlap with the near field
+        cell = (er[1:] - er[:-1])[:, None] * (ec[1:] - ec[:-1])[None, :]  # gh x gw
+        inside = rows[:, None, :, None] * cols[None, :, None, :]  # nbh nbw gh gw
+        return (cell - inside).reshape(nbh, nbw, -1)
 
 
 @register_variant
