@@ -107,6 +107,7 @@ METHODS: Dict[str, Tuple[str, Optional[Callable[[int], ConversionConfig]]]] = {
     "cbsa": ("ConversionConfig(): cbsa, 8x8 pooled representatives + prefix", lambda n: ConversionConfig()),
     "cbsa16": ("cbsa, 16x16 pooled representatives + prefix", lambda n: ConversionConfig(num_representatives=(16, 16))),
     "dense": ('ConversionConfig.preset("dense")', lambda n: ConversionConfig.preset("dense")),
+    "dense-fast": ('ConversionConfig.preset("dense-fast")', lambda n: ConversionConfig.preset("dense-fast")),
     "hybrid": ("cbsa in the second half of the blocks, the first half kept softmax",
                lambda n: ConversionConfig(layers=f"{n // 2}:")),
     "window": ("windowed attention (prefix tokens global) in all but a few evenly spaced global blocks, window "

@@ -143,8 +143,8 @@ def test_inspect_timm_name_at_a_resolution(capsys):
     assert report["input_size"] == [3, 32, 48] and report["patch_grid"] == [2, 3]
     assert report["num_tokens"] == 7 and report["num_prefix_tokens"] == 1
     assert report["conversion"] == {"variant": "cbsa", "num_representatives": [2, 2], "broadcast": "query",
-                                    "extra_representatives": "prefix", "prefix_broadcast": "own",
-                                    "converted_layers": [6, 7, 8, 9, 10, 11]}
+                                    "extra_representatives": "prefix", "prefix_broadcast": "own", "window": 8,
+                                    "fine_pool": 2, "converted_layers": [6, 7, 8, 9, 10, 11]}
     layers = report["attention_layers"]
     assert len(layers) == 12 and [row["converted"] for row in layers] == [False] * 6 + [True] * 6
     assert layers[0] == {"index": 0, "name": "blocks.0.attn", "family": "timm", "num_heads": 3, "head_dim": 64,

@@ -237,6 +237,12 @@ def test_preset_on_the_command_line_and_options_over_it():
     args = parser.parse_args(["--preset", "dense", "--window", "4"])
     assert ConversionConfig.from_arguments(args) == ConversionConfig.preset("dense", window=4)
     assert ConversionConfig.from_arguments(parser.parse_args([])) == ConversionConfig()
+    # examples/finetune.py's command line: the run's conversion is the preset's
+    from vit2cbsa.train.config import FinetuneConfig, add_arguments
+
+    parser = add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--model", "cifar10-teacher", "--data", "d", "--out", "o", "--preset", "dense"])
+    assert FinetuneConfig.from_arguments(args).conversion == ConversionConfig.preset("dense")
 
 
 def test_dense_conversion_saves_reloads_and_binds_its_options(tmp_path):

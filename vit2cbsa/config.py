@@ -182,6 +182,11 @@ class ConversionConfig:
 
     # ------------------------------------------------------------------ command line
     @classmethod
+    def argument_names(cls) -> List[str]:
+        """The ``argparse`` destinations :meth:`add_arguments` adds: every field and ``preset``."""
+        return cls.field_names() + ["preset"]
+
+    @classmethod
     def cli_fields(cls) -> Iterator[Tuple[str, Dict[str, Any]]]:
         """``(field name, its metadata)`` for every field, in declaration order (the command-line options)."""
         for f in dataclasses.fields(cls):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._version import __version__
 from .adapters import ConvertedAttention
-from .attention import variant_uses_representatives
+from .attention import VARIANTS, variant_uses_representatives
 from .config import ConversionConfig
 from .errors import UsageError
 from .layout import TokenLayout
@@ -118,6 +118,12 @@ class ConversionInfo:
         (``layers``: the indices converted)."""
         return self.conversion.replace(layers=tuple(self.converted_indices))
 
+    def options_text(self) -> str:
+        """The options a variant without representatives reads, e.g. ``" (window=8, fine_pool=2, far grid 24x24)"``
+        for multiscale; ``""`` for one that reads none (linear)."""
+        text = VARIANTS[self.variant].options_text(**self.conversion.mixer_options())
+        return f" ({text})" if text else ""
+
     def to_dict(self) -> dict:
         """JSON-ready: the options (:meth:`ConversionConfig.to_dict`, ``layers`` the indices converted) and what
         was converted."""
@@ -129,23 +135,13 @@ class ConversionInfo:
         if variant_uses_representatives(self.variant):
             how = f" ({self.representatives_text(patch_grid=self.patch_grid)}, broadcast={self.broadcast!r})"
         else:
-            how = _options_text(self.conversion)
+            how = self.options_text()
         rows = [
             f"vit2cbsa: converted {len(self.converted)}/{self.num_attention_layers} attention layers to "
             f"{self.variant!r}{how}; patch grid from {self.patch_embedding!r}; {self.new_parameters} new parameters",
         ]
         rows += [f"  [{l.index:>2}] {l.name}  ({l.family}, {l.num_heads} heads x {l.head_dim})" for l in self.converted]
         return "\n".join(rows)
-
-
-def _options_text(config: ConversionConfig) -> str:
-    """The options a variant without representatives reads besides the representative ones, e.g.
-    ``" (window=8, fine_pool=2, far grid 16x16)"`` for multiscale; ``""`` for linear."""
-    options = {"multiscale": f"window={config.window}, fine_pool={config.fine_pool}, far grid "
-                             f"{config.num_representatives[0]}x{config.num_representatives[1]}",
-               "window": f"window={config.window}"}
-    text = options.get(config.variant)
-    return f" ({text})" if text else ""
 
 
 def is_converted(model: nn.Module) -> bool:

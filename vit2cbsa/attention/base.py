@@ -90,6 +90,12 @@ class Mixer(nn.Module):
         return cls(num_heads, head_dim)
 
     @classmethod
+    def options_text(cls, **options: Any) -> str:
+        """The options this variant reads besides the representative ones, in a few words (``ConversionInfo``'s
+        summary, ``vit2cbsa inspect``); ``""`` for none. Default: none."""
+        return ""
+
+    @classmethod
     def check_options(cls, **options: Any) -> None:
         """Refuse (:class:`~vit2cbsa.errors.UsageError`) conversion options (``ConversionConfig`` fields, by name)
         that this variant cannot build from; called when a config naming the variant is made. Default: accept."""

@@ -148,6 +148,11 @@ class MultiscaleMixer(Mixer):
                              f"windows); use e.g. window={window - window % fine_pool or fine_pool}")
 
     @classmethod
+    def options_text(cls, *, rep_grid: Tuple[int, int] = (16, 16), window: int = 8, fine_pool: int = 2,
+                     **_: Any) -> str:
+        return f"window={window}, fine_pool={fine_pool}, far grid {rep_grid[0]}x{rep_grid[1]}"
+
+    @classmethod
     def from_options(cls, num_heads: int, head_dim: int, *, rep_grid: Tuple[int, int], scale: Optional[float] = None,
                      window: int = 8, fine_pool: int = 2, **_: Any) -> "MultiscaleMixer":
         """The mixer of one layer: ``rep_grid`` is the far grid, ``window`` / ``fine_pool`` as in the config."""
@@ -289,6 +294,10 @@ class WindowMixer(MultiscaleMixer):
     @classmethod
     def check_options(cls, *, window: int = 8, **_: Any) -> None:
         _positive("window", window)
+
+    @classmethod
+    def options_text(cls, *, window: int = 8, **_: Any) -> str:
+        return f"window={window}"
 
     @classmethod
     def from_options(cls, num_heads: int, head_dim: int, *, scale: Optional[float] = None, window: int = 8,

@@ -83,9 +83,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                      + f" (FLOPs {change(cost.flops_before, cost.flops_after)})")
     report = {
         "model": args.model, "source": source.kind, "class": type(base).__name__,
-        "conversion": {"variant": info.variant, "num_representatives": [gh, gw], "broadcast": info.broadcast,
-                       "extra_representatives": info.extra_representatives,
-                       "prefix_broadcast": info.prefix_broadcast, "converted_layers": info.converted_indices},
+        "conversion": {**{k: v for k, v in info.config.to_dict().items() if k != "layers"},
+                       "converted_layers": info.converted_indices},
         "representative_grid_used": None if no_reps else list(info.grid_used(cost.patch_grid)),
         "representatives_per_head": None if no_reps else num_representatives_used(
             tuple(info.num_representatives), *cost.patch_grid, cost.num_prefix_tokens, info.extra_representatives),
@@ -100,9 +99,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{args.model}: {type(base).__name__} ({source.kind}), input {c}x{h}x{w}")
     print(f"tokens per image: {cost.num_tokens} = {cost.num_prefix_tokens} prefix + "
           f"{cost.patch_grid[0]}x{cost.patch_grid[1]} patches")
-    reps = f"no representatives ({info.variant})" if no_reps else (
-        info.representatives_text(cost.num_prefix_tokens, cost.patch_grid) + " per head")
-    print(f"conversion: variant {info.variant!r}, {reps}, broadcast {info.broadcast!r}")
+    if no_reps:
+        print(f"conversion: variant {info.variant!r}{info.options_text() or ', no representatives'}")
+    else:
+        reps = info.representatives_text(cost.num_prefix_tokens, cost.patch_grid) + " per head"
+        print(f"conversion: variant {info.variant!r}, {reps}, broadcast {info.broadcast!r}")
     print(f"attention layers: {len(layers)} found, {len(names)} converted")
     for row in layers:
         mark = f"-> {info.variant}" if row["converted"] else "   softmax (kept)"

@@ -131,7 +131,7 @@ class FinetuneConfig:
     def from_arguments(cls, namespace: argparse.Namespace) -> "FinetuneConfig":
         """The run of a command line built by :func:`add_arguments`."""
         values = vars(namespace).copy()
-        for name in ConversionConfig.field_names():
+        for name in ConversionConfig.argument_names():
             values.pop(name, None)
         return cls(**values, conversion=ConversionConfig.from_arguments(namespace))
 
