@@ -365,8 +365,6 @@ def patch_labels(mask: torch.Tensor, patch: int, num_classes: int) -> torch.Tens
 
 
 def _fit(img, size: int, resample):
-    from PIL import Image
-
     w, h = img.size
     s = size / min(w, h)
     img = img.resize((max(size, round(w * s)), max(size, round(h * s))), resample)

@@ -62,12 +62,21 @@ def make_assets(root: Path, sharpen: bool = True) -> Path:
     return root
 
 
-def load_script(name: str = "finetune_cli") -> ModuleType:
-    """``examples/finetune.py`` as a module (``build_parser``, ``main``)."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+def load_script(name: str = "finetune_cli", path: Path = SCRIPT) -> ModuleType:
+    """``examples/finetune.py`` (or the script at ``path``) as a module named ``name``, registered in
+    ``sys.modules`` (dataclasses of the script resolve their module)."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as the module ``<name>_bench``."""
+    return load_script(f"{name}_bench", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
 
 
 def run_cli(cli: ModuleType, argv) -> dict:

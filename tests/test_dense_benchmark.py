@@ -2,27 +2,21 @@
 tiny local images/ + masks/ folder with a tiny random-weight timm ViT (saved as a local timm folder)."""
 
 import copy
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import load_benchmark
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 @pytest.fixture(scope="module")
 def dense():
-    spec = importlib.util.spec_from_file_location("dense_bench", ROOT / "benchmarks" / "dense.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["dense_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("dense")
 
 
 def tiny_vit():

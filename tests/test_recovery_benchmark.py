@@ -1,22 +1,16 @@
 """The recovery benchmark's summary logic: alignment comparisons and reuse of earlier runs."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_benchmark
+
 
 
 @pytest.fixture(scope="module")
 def recovery():
-    spec = importlib.util.spec_from_file_location("recovery_bench", ROOT / "benchmarks" / "recovery.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recovery_bench"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("recovery")
 
 
 def curve(accs, every=50):
