@@ -26,9 +26,10 @@ Per patch token the softmax runs over ``9 (b/f)^2`` near groups and ``t + gh gw`
 grow with ``N``: the cost per head is ``O(N (9 (b/f)^2 + t + gh gw) d)`` plus ``O(t N d)`` for the prefix, linear
 in ``N``. The near groups are gathered per window and shared by its ``b^2`` queries, the prefix keys and the far
 cells' means are the same for every window (the window enters only through the counts ``n_g``): one fused
-``scaled_dot_product_attention`` call over every (head, window), the size biases as its additive mask. The cells' means are two separable
-averaging matmuls over the patch keys and values, the counts from the cell and window edges (no ``N x N`` or per-token
-gather is formed).
+``scaled_dot_product_attention`` call over every (head, window), the size biases as its additive mask. The tokens
+are gathered into window order once (and back); the cells' means are two separable averaging matmuls over the
+patch keys and values, the counts come from the cell and window edges; no ``N x N`` array is formed.
+
 Grids not divisible by ``b`` are padded; padded keys form empty groups, masked out of the softmax. Traced with
 symbolic sizes (``torch.export``, ``torch.fx``) the steps are the same, through index gathers built from the sizes,
 so the program holds for every grid.
