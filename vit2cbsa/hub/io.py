@@ -2,7 +2,7 @@
 
 :func:`atomic_folder` gives a temporary folder ``.NAME.tmp-HOST--PID--XXXX`` next to the target; when the
 block finishes the previous folder (if any) is renamed to ``.NAME.old-HOST--PID--XXXX``, the temporary one
-renamed into place and the old one removed. An error or interrupt removes the temporary folder; a killed
+renamed into place (with the modes the umask gives, :func:`honour_umask`) and the old one removed. An error or interrupt removes the temporary folder; a killed
 process leaves it behind, and the next save to the same place removes it (:func:`remove_stale_temporaries`).
 Also here: the sha256 and size of files (:func:`sha256`, :func:`file_table`), the safetensors shards
 (:func:`write_weights`) and the marker written last with ``fsync`` (:func:`write_synced`).
@@ -124,6 +124,29 @@ def remove_stale_temporaries(target: Path, max_age_s: float = 3600.0) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir`` / ``open`` would under the current umask
+    (``0o777 & ~umask`` for folders, ``0o666 & ~umask`` for files): ``mkdtemp`` makes its folder ``0o700`` and some
+    writers (safetensors) their files ``0o600``, which would otherwise survive the rename into place and keep the
+    folder from colleagues and other jobs on shared storage."""
+    mask = current_umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished ``tmp`` folder to ``target``, replacing a previous save there."""
     if not target.exists():
@@ -151,11 +174,13 @@ def atomic_folder(target: Path, marker: str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(target, 'tmp')}{HOST}--{os.getpid()}--", dir=target.parent))
     try:
         yield tmp
+        honour_umask(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-__all__ = ["HOST", "INDEX_NAME", "atomic_folder", "file_hashes", "file_table", "remove_stale_temporaries",
+__all__ = ["HOST", "INDEX_NAME", "atomic_folder", "current_umask", "file_hashes", "file_table", "honour_umask",
+           "remove_stale_temporaries",
            "replace_dir", "sha256", "write_synced", "write_weights"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import UsageError, one_line
+from ..hub.io import honour_umask
 from .sharding import dcp_problem
 
 PROGRESS = "progress.json"
@@ -175,6 +176,7 @@ def save_checkpoint(accelerator: Any, ckpt_dir: Path, progress: Dict[str, Any], 
     acc.wait_for_everyone()
     if acc.is_main_process:
         write_json(tmp / PROGRESS, progress)
+        honour_umask(tmp)  # save_state's files come out 0o600: the run's folder is shared like any other
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
