@@ -494,6 +494,12 @@ CORRUPTIONS = {
                      r"up to 3: upgrade vit2cbsa"),
     "foreign_class": (lambda f: _forge(f, lambda c: c["base"].update(architecture=None, **{"class": "os.system"})),
                       r"refusing to import 'os\.system'"),
+    # resealed folders whose model_kwargs would make timm read a file or download: refused before timm sees them
+    "forged_checkpoint_path": (lambda f: _forge(f, lambda c: c["base"]["model_kwargs"].update(checkpoint_path="/etc/x.pth")),
+                               r"model_kwargs 'checkpoint_path' are not constructor arguments of timm's VisionTransformer"),
+    "forged_pretrained": (lambda f: _forge(f, lambda c: c["base"]["model_kwargs"].update(
+                              pretrained=True, pretrained_cfg_overlay={"file": "/etc/x.pth"}, cache_dir="/tmp/c")),
+                          r"model_kwargs 'cache_dir', 'pretrained', 'pretrained_cfg_overlay' are not constructor"),
     "other_architecture": (_other_architecture,
                            r"do not match .*missing tensor\(s\): blocks\.1\..*wrong shape: head\.bias \(saved \(7,\), model \(5,\)\)"),
 }

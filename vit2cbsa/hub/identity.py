@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 import os
 import warnings
@@ -75,7 +76,12 @@ class BaseModelSpec:
         cfg = d.get("pretrained_cfg")
         if cfg is not None:
             cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-        return cls(library, d["class"], d.get("architecture"), dict(d.get("model_kwargs") or {}), cfg,
+        model_kwargs = d.get("model_kwargs") or {}
+        if not isinstance(model_kwargs, Mapping):
+            raise CheckpointError(f"model_kwargs must be a JSON object, got {type(model_kwargs).__name__}")
+        if library == "timm":
+            check_timm_kwargs(d["class"], model_kwargs)
+        return cls(library, d["class"], d.get("architecture"), dict(model_kwargs), cfg,
                    d.get("task", "image-feature-extraction"), hf_config, d.get("attn_implementation"))
 
     def describe(self) -> str:
@@ -98,6 +104,28 @@ class BaseModelSpec:
             raise CheckpointError(f"transformers has no model class {self.cls!r} (this transformers is {transformers.__version__})")
         kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
         return model_cls._from_config(copy.deepcopy(self.hf_config), **kwargs)
+
+
+def check_timm_kwargs(path: str, kwargs: Mapping[str, Any]) -> None:
+    """Refuse (:class:`~vit2cbsa.errors.CheckpointError`) saved ``model_kwargs`` that are not named parameters of the
+    timm class ``path``'s constructor: an allow-list of architecture options, so that ``checkpoint_path``,
+    ``pretrained``, ``pretrained_cfg_overlay``, ``cache_dir`` and whatever else makes ``timm.create_model`` read
+    files or download never reach it from an untrusted folder."""
+    cls = _import_class(path, "timm.")
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    allowed = set()
+    for klass in cls.__mro__:  # a subclass passing **kwargs on (VisionTransformerDistilled) takes its parent's too
+        if klass is nn.Module or not issubclass(klass, nn.Module) or "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        allowed |= {n for n, p in params.items() if n != "self" and p.kind in kinds}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    bad = sorted(set(kwargs) - allowed)
+    if bad:
+        raise CheckpointError(f"model_kwargs {', '.join(map(repr, bad))} are not constructor arguments of timm's "
+                              f"{cls.__name__}: refusing them (a saved folder may name architecture options only, "
+                              "never files, downloads or pretrained configs)")
 
 
 def _import_class(path: str, allowed_prefix: str) -> type:
@@ -264,4 +292,4 @@ def remember_base(model: nn.Module, spec: BaseModelSpec, base_model: Optional[st
     object.__setattr__(model, BASE_MODEL_ATTR, base_model)
 
 
-__all__ = ["BaseModelSpec", "base_model_id", "base_spec", "remember_base", "set_class_names", "verify_rebuild"]
+__all__ = ["BaseModelSpec", "base_model_id", "base_spec", "check_timm_kwargs", "remember_base", "set_class_names", "verify_rebuild"]
