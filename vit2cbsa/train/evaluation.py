@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..modeling import model_output
+from .progress import progress_bar
 
 
 def data_loader(dataset: Dataset, batch_size: int, train: bool, num_workers: int, seed: int,
@@ -31,15 +32,13 @@ def accuracy(accelerator: Any, model: nn.Module, loader: DataLoader, desc: str) 
     """Top-1 accuracy of ``model`` over ``loader`` (prepared here, gathered over the processes), with a progress
     bar named ``desc``; and ``{"eval_images", "eval_s", "bad_images"}`` (images counted, seconds, images left out
     as unreadable). ``model`` is put in eval mode for it and back as it was."""
-    from tqdm.auto import tqdm
-
     acc = accelerator
     loader = acc.prepare_data_loader(loader)
     was_training = model.training
     model.eval()
     correct = total = bad = 0
     t0 = time.perf_counter()
-    bar = tqdm(loader, desc=desc, leave=False, disable=not acc.is_main_process, dynamic_ncols=True, unit="batch")
+    bar = progress_bar(acc.is_main_process, iterable=loader, desc=desc, leave=False, unit="batch")
     for batch in bar:
         x, y = batch[0], batch[1]
         valid = batch[2] == 0 if len(batch) > 2 else torch.ones_like(y, dtype=torch.bool)

@@ -30,6 +30,7 @@ from .final import save_final
 from .loading import converted_copy, load_data, load_model, plain_copy, training_datasets
 from .lock import hold_output_lock
 from .lora import lora_targets
+from .progress import progress_bar
 from .metrics import MetricsLog, StageClock
 from .sharding import (describe_units, fsdp_requested, full_state_dict, make_plugin, quiet_view_warning,
                        set_wrap_policy, shard_cpu_processes)
@@ -191,8 +192,6 @@ class FinetuneRun:
     def train_stage(self, stage: str) -> nn.Module:
         """Set up ``stage``, resume it if the newest checkpoint is in it, train to its last step."""
         from torch.optim.lr_scheduler import LambdaLR
-        from tqdm.auto import tqdm
-
         c, acc = self.config, self.accelerator
         acc.free_memory()  # forget the previous stage's objects: the train loader is the first one checkpointed
         steps = self.stage_steps[stage]
@@ -206,8 +205,7 @@ class FinetuneRun:
             acc.print(f"FSDP2 units ({stage}): {describe_units(self.unwrap(module))}; {acc.num_processes} shards each")
         step = first_step = self._resume_stage(stage)
         steps_per_epoch = math.ceil(len(loader) / c.grad_accum)
-        bar = tqdm(total=steps, initial=step, desc=stage, disable=not acc.is_main_process, dynamic_ncols=True,
-                   unit="step")
+        bar = progress_bar(acc.is_main_process, total=steps, initial=step, desc=stage, unit="step")
         clock = StageClock(bar)
         bad = torch.zeros((), device=acc.device)
         module.train()
