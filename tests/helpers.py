@@ -101,3 +101,13 @@ def free_port() -> int:
 def jsonl(path) -> list:
     """The records of a JSON-lines file (``metrics.jsonl``)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def committed_files(operations) -> dict:
+    """``{path in repo: bytes}`` of the ``CommitOperationAdd``s an ``HfApi.create_commit`` stand-in receives."""
+    files = {}
+    for op in operations:
+        with op.as_file() as f:
+            files[op.path_in_repo] = f.read()
+    return files
+

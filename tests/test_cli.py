@@ -266,22 +266,25 @@ def test_push_uploads_with_card(capsys, monkeypatch, tmp_path):
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = dict(repo_id=repo_id, **kwargs)
 
-    def upload_folder(self, **kwargs):
-        calls["upload_folder"] = kwargs
-        calls["files"] = sorted(os.listdir(kwargs["folder_path"]))
-        calls["card"] = (Path(kwargs["folder_path"]) / "README.md").read_text()
+    def create_commit(self, **kwargs):
+        from helpers import committed_files
+
+        files = committed_files(kwargs["operations"])
+        calls["create_commit"] = kwargs
+        calls["files"] = sorted(files)
+        calls["card"] = files["README.md"].decode()
         return huggingface_hub.CommitInfo(commit_url="https://huggingface.co/user/x/commit/abc", commit_message="m",
                                           commit_description="", oid="abc")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     folder = save_pretrained(vit2cbsa.convert(tiny_timm(), "cbsa", 4), tmp_path / "m")
     code, out, err = run(capsys, "push", str(folder), "user/x", "--metric", "top1=55.5", "--dataset", "imagenet-1k",
                          "--private", "--license", "mit")
     assert code == 0, err
     assert "uploaded" in out and "https://huggingface.co/user/x/commit/abc" in out
     assert calls["create_repo"] == {"repo_id": "user/x", "private": True, "exist_ok": True, "repo_type": "model"}
-    assert calls["upload_folder"]["repo_id"] == "user/x"
+    assert calls["create_commit"]["repo_id"] == "user/x"
     assert calls["files"] == ["README.md", "model.safetensors", CONFIG_NAME]
     meta = huggingface_hub.ModelCard(calls["card"]).data.to_dict()
     assert meta["license"] == "mit" and meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 55.5

@@ -583,21 +583,22 @@ def test_reloaded_hf_model_works_with_transformers_api(tmp_path):
 
 @pytest.fixture
 def hub_calls(monkeypatch):
-    """Record HfApi.create_repo / upload_folder calls, with a snapshot of the uploaded folder."""
+    """Record HfApi.create_repo / create_commit calls, with the bytes of every file committed."""
+    from helpers import committed_files
+
     calls = {}
 
     def create_repo(self, repo_id, **kwargs):
         calls["create_repo"] = dict(repo_id=repo_id, token=self.token, **kwargs)
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        calls["upload_folder"] = kwargs
-        calls["files"] = {p.name: p.read_bytes() for p in folder.iterdir()}
+    def create_commit(self, **kwargs):
+        calls["create_commit"] = kwargs
+        calls["files"] = committed_files(kwargs["operations"])
         return "commit-info"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     return calls
 
 
@@ -618,7 +619,7 @@ def test_push_to_hub_uploads_folder_and_card(hub_calls):
     assert result == "commit-info"
     assert hub_calls["create_repo"] == dict(repo_id="user/tiny-cbsa", token="hf_fake", private=True, exist_ok=True,
                                             repo_type="model")
-    up = hub_calls["upload_folder"]
+    up = hub_calls["create_commit"]
     assert up["repo_id"] == "user/tiny-cbsa" and up["repo_type"] == "model" and up["commit_message"] == "hello"
     assert up["create_pr"] is False and up["revision"] is None
     assert sorted(hub_calls["files"]) == ["README.md", "model.safetensors", CONFIG_NAME]
@@ -663,9 +664,18 @@ def test_push_a_saved_folder(tmp_path, hub_calls):
     processor = transformers.BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     folder = save_pretrained(converted("hf_dinov2"), tmp_path / "out", image_processor=processor,
                              base_model="facebook/dinov2-small")
-    push_to_hub(folder, "user/dino", create_pr=True, revision="main")
+    copies = []
+    real_copytree = shutil.copytree
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(shutil, "copytree", lambda *a, **k: copies.append(a) or real_copytree(*a, **k))
+    try:
+        push_to_hub(folder, "user/dino", create_pr=True, revision="main")
+    finally:
+        monkey.undo()
+    assert copies == []  # uploaded where it is, not staged in a copy
     assert sorted(hub_calls["files"]) == sorted(os.listdir(folder) + ["README.md"])
-    assert hub_calls["upload_folder"]["create_pr"] is True and hub_calls["upload_folder"]["revision"] == "main"
+    assert all(hub_calls["files"][name] == (folder / name).read_bytes() for name in os.listdir(folder))
+    assert hub_calls["create_commit"]["create_pr"] is True and hub_calls["create_commit"]["revision"] == "main"
     meta = huggingface_hub.ModelCard(hub_calls["files"]["README.md"].decode()).data.to_dict()
     assert meta["base_model"] == "facebook/dinov2-small" and meta["pipeline_tag"] == "image-feature-extraction"
     assert "transformers" in meta["tags"] and "model-index" not in meta

@@ -7,7 +7,7 @@ user would paste it. Only the network is replaced, by these explicit stand-ins:
   a narrow width (``STAND_IN_TIMM``: same depth, patch size and image size), i.e. random weights;
 * ``transformers.AutoModelForImageClassification.from_pretrained(repo_id)`` of a Hub id in
   ``HF_STAND_INS`` reads a tiny random-weight model saved in a temporary folder instead;
-* ``huggingface_hub.HfApi.create_repo`` / ``upload_folder`` record the upload instead of sending it.
+* ``huggingface_hub.HfApi.create_repo`` / ``create_commit`` record the upload instead of sending it.
 
 Anything else that would reach the network fails (``HF_HUB_OFFLINE=1``), so a block cannot pass by
 downloading. A block that cannot run offline at all is marked in the README with
@@ -88,7 +88,7 @@ def offline(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    record = {"timm": [], "hf": [], "create_repo": [], "upload_folder": []}
+    record = {"timm": [], "hf": [], "create_repo": [], "create_commit": []}
 
     real_create_model = timm.create_model
 
@@ -133,13 +133,13 @@ def offline(monkeypatch, tmp_path):
         record["create_repo"].append(repo_id)
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        record["upload_folder"].append({"repo_id": kwargs["repo_id"], "files": sorted(p.name for p in folder.iterdir())})
+    def create_commit(self, **kwargs):
+        names = sorted(op.path_in_repo for op in kwargs["operations"])
+        record["create_commit"].append({"repo_id": kwargs["repo_id"], "files": names})
         return "commit-info"
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -184,8 +184,8 @@ def test_readme_block_runs(block, offline):
         if torch.is_tensor(value) and value.is_floating_point():
             assert torch.isfinite(value).all(), f"`{key}` is not finite"
     if "vit2cbsa.push_to_hub(" in block.code:
-        assert offline["create_repo"] and offline["upload_folder"], "push_to_hub uploaded nothing"
-        files = offline["upload_folder"][-1]["files"]
+        assert offline["create_repo"] and offline["create_commit"], "push_to_hub uploaded nothing"
+        files = offline["create_commit"][-1]["files"]
         assert {"README.md", "model.safetensors", "vit2cbsa_config.json"} <= set(files)
     if "pipeline(" in block.code and "preds" in ns:
         assert len(ns["preds"]) == 3 and all(0 <= p["score"] <= 1 for p in ns["preds"])

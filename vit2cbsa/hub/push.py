@@ -1,18 +1,18 @@
 """Publishing a converted model on the Hugging Face Hub: the saved folder plus a generated model card.
 
-:func:`push_to_hub` stages the folder (saved from a model by :func:`vit2cbsa.save_pretrained`, or copied
-from a saved folder after loading it as a check) with a ``README.md`` from :mod:`vit2cbsa.hub.card`
-(FLOPs and parameters measured against the rebuilt base architecture, :mod:`vit2cbsa.hub.costs`), then
-uploads it with ``HfApi.create_repo(exist_ok=True)`` and ``HfApi.upload_folder``.
+:func:`push_to_hub` uploads a saved folder where it is (a model is first saved by :func:`vit2cbsa.save_pretrained`
+into a temporary folder; a folder given is loaded first, as a check, and never copied) together with a ``README.md``
+from :mod:`vit2cbsa.hub.card` (FLOPs and parameters measured against the rebuilt base architecture,
+:mod:`vit2cbsa.hub.costs`), as one commit: ``HfApi.create_repo(exist_ok=True)``, then ``HfApi.create_commit``
+with a ``CommitOperationAdd`` per file (huggingface_hub uploads the large files, and skips those the Hub has).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -47,10 +47,10 @@ def push_to_hub(
 ) -> Any:
     """Upload a converted model (or a folder saved by :func:`vit2cbsa.save_pretrained`) with a model card.
 
-    The folder is staged in a temporary directory with a generated ``README.md`` (Hub metadata,
+    The folder's files are uploaded where they are, with a generated ``README.md`` (Hub metadata,
     conversion options, FLOPs and parameters before/after at the model's input size, ``metrics``
-    when given, how to load it, the CBSA citation) and uploaded with
-    ``HfApi.create_repo(exist_ok=True)`` and ``HfApi.upload_folder``.
+    when given, how to load it, the CBSA citation), as one commit: ``HfApi.create_repo(exist_ok=True)``
+    and ``HfApi.create_commit``.
 
     Args:
         model: a converted model (also under ``torch.compile``), or the path of a saved folder (it is
@@ -69,25 +69,23 @@ def push_to_hub(
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory(prefix="vit2cbsa-push-") as tmp:
-        stage = Path(tmp) / "repo"
         if isinstance(model, nn.Module):
             model = uncompiled(model)
-            save_pretrained(model, stage, model_kwargs=model_kwargs, base_model=base_model, class_names=class_names,
+            folder = Path(tmp) / "repo"
+            save_pretrained(model, folder, model_kwargs=model_kwargs, base_model=base_model, class_names=class_names,
                             image_processor=image_processor, max_shard_size=max_shard_size)
         else:
             folder = Path(model)
             model = from_pretrained(folder, local_files_only=True)
-            shutil.copytree(folder, stage, ignore=shutil.ignore_patterns(".*"))
-        config = read_config(stage)
-        base = BaseModelSpec.from_json(config["base"], stage).build()
+        config = read_config(folder)
+        base = BaseModelSpec.from_json(config["base"], folder).build()
         cost = compare_costs(base, model)
         card = render_model_card(config, cost, repo_id=repo_id, metrics=metrics, dataset=dataset, license=license)
-        (stage / "README.md").write_text(card)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        return api.upload_folder(
+        return api.create_commit(
             repo_id=repo_id,
-            folder_path=str(stage),
+            operations=upload_operations(folder, card),
             repo_type="model",
             revision=revision,
             create_pr=create_pr,
@@ -95,4 +93,16 @@ def push_to_hub(
         )
 
 
-__all__ = ["push_to_hub"]
+def upload_operations(folder: Path, card: str) -> List[Any]:
+    """One ``CommitOperationAdd`` per file of ``folder`` (read from where it is; hidden files and a ``README.md`` of
+    the folder left out) and one for the generated ``card`` as ``README.md``."""
+    from huggingface_hub import CommitOperationAdd
+
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    ops = [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
+           for p in files if p.relative_to(folder).as_posix() != "README.md"]
+    return ops + [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode())]
+
+
+__all__ = ["push_to_hub", "upload_operations"]
