@@ -92,9 +92,7 @@ class ConversionConfig:
         object.__setattr__(self, "num_representatives", grid)
         object.__setattr__(self, "layers", specs.normalize_layers(self.layers))
         for name in ("window", "fine_pool"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name} must be a positive int, got {value!r}")
+            specs.check_positive_int(name, getattr(self, name))
         VARIANTS[self.variant].check_options(**self.mixer_options())
         if not variant_uses_representatives(self.variant):  # nothing to place next to the grid or broadcast
             object.__setattr__(self, "extra_representatives", "none")
@@ -135,7 +133,8 @@ class ConversionConfig:
     def mixer_options(self) -> Dict[str, Any]:
         """The options every layer's mixer is built from: the fields but ``variant`` and ``layers``, by the
         keyword names of :func:`vit2cbsa.attention.build_mixer` (``rep_grid`` for ``num_representatives``)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("variant", "layers")}
+        d = self.as_kwargs()
+        del d["variant"], d["layers"]
         d["rep_grid"] = d.pop("num_representatives")
         return d
 
@@ -155,6 +154,13 @@ class ConversionConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     # ------------------------------------------------------------------ saving
+    def options(self) -> Dict[str, Any]:
+        """:meth:`to_dict` without ``layers``: the options a saved conversion lists beside its ``converted_layers``
+        (``vit2cbsa_config.json``, the model card, ``vit2cbsa inspect --json``)."""
+        d = self.to_dict()
+        del d["layers"]
+        return d
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready: the grid as ``[h, w]``, layers as ``None``, a list of indices or the slice as ``"6:"``."""
         if callable(self.layers) and not isinstance(self.layers, slice):

@@ -40,7 +40,7 @@ class ConvertedLayer:
 class ConversionInfo:
     """What :func:`convert` did; attached to the model as ``model.vit2cbsa_info``."""
 
-    #: the options applied (``layers``: as asked; :attr:`config` has the indices converted)
+    #: the options applied (``layers`` left ``None``: :attr:`config` has the indices converted)
     conversion: ConversionConfig
     num_attention_layers: int
     converted: List[ConvertedLayer] = field(default_factory=list)

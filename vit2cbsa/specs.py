@@ -16,7 +16,7 @@ import argparse
 import operator
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from .errors import LayerError
+from .errors import LayerError, UsageError
 
 GRID_FORMS = "a count such as 64 or a grid such as 8x8"
 LAYER_FORMS = "all, an index, a list such as 0,1,2 or a slice such as 6:"
@@ -119,3 +119,10 @@ def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
     convert.__name__ = parse.__name__
     return convert
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` if it is a positive int (not a bool); else a :class:`~vit2cbsa.errors.UsageError` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive int, got {value!r}")
+    return value

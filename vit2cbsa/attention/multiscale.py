@@ -44,6 +44,7 @@ gives the whole layer as one token-to-token operator ``out = kappa E V`` (the sa
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, List, Optional, Tuple
 
 import torch
@@ -54,6 +55,7 @@ from torch import nn
 from ..errors import UsageError
 from ..layout import TokenLayout, is_concrete, is_tracing
 from ..pooling import _sym_min
+from ..specs import check_positive_int
 from .base import Mixer
 from .cbsa_explicit import _without_autocast, compute_dtype
 from .registry import register_variant
@@ -63,12 +65,6 @@ torch.fx.wrap("compute_dtype")
 
 #: the logit of an empty group (a padded cell, a far cell wholly inside the near field): exp() of it is 0
 MASKED = -1e30
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _log_size(count: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -142,8 +138,8 @@ class MultiscaleMixer(Mixer):
     @classmethod
     def check_options(cls, *, window: int = 8, fine_pool: int = 2, **_: Any) -> None:
         """Refuse (:class:`~vit2cbsa.errors.UsageError`) options this variant cannot use."""
-        _positive("window", window)
-        _positive("fine_pool", fine_pool)
+        check_positive_int("window", window)
+        check_positive_int("fine_pool", fine_pool)
         if window % fine_pool:
             raise UsageError(f"fine_pool={fine_pool} must divide window={window} (the near field's cells tile the "
                              f"windows); use e.g. window={window - window % fine_pool or fine_pool}")
@@ -167,9 +163,7 @@ class MultiscaleMixer(Mixer):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """``kappa E V`` (``B x H x N x d``): the module docstring's steps, in float32 for half inputs."""
         work = compute_dtype(q.dtype)
-        if is_tracing(q):
-            return self._mix(q.to(work), k.to(work), v.to(work), layout).to(q.dtype)
-        with _without_autocast(q.device.type):
+        with contextlib.nullcontext() if is_tracing(q) else _without_autocast(q.device.type):
             return self._mix(q.to(work), k.to(work), v.to(work), layout).to(q.dtype)
 
     @torch.no_grad()
@@ -245,7 +239,7 @@ class MultiscaleMixer(Mixer):
                 return x.reshape(B, H, gh * gw, width)
             ks.append(means(kx, d))
             vs.append(means(vx, dv))
-            bias_s.append(_log_size(self._far_counts(er, ec, nbh, nbw, h, w).to(qs.dtype), beta))
+            bias_s.append(_log_size(self._far_counts(er, ec, nbh, nbw).to(qs.dtype), beta))
         ks, vs, bias_s = torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), torch.cat(bias_s, dim=-1)
 
         # one softmax per window over [near groups | shared groups] (the window's b^2 queries share its keys and
@@ -260,18 +254,18 @@ class MultiscaleMixer(Mixer):
         out = out.reshape(B, H, nbh * nbw * b * b, dv)  # window order
         return out.index_select(2, scatter)
 
-    def _far_counts(self, er: torch.Tensor, ec: torch.Tensor, nbh, nbw, h, w) -> torch.Tensor:
+    def _far_counts(self, er: torch.Tensor, ec: torch.Tensor, nbh, nbw) -> torch.Tensor:
         """``nbh x nbw x (gh gw)``: the keys of each far cell outside each window's near field (cell edges ``er``,
         ``ec``; the near field of window ``(I, J)`` is rows ``[(I - halo) b, (I + 1 + halo) b)``, columns alike)."""
         b = self.window
 
-        def outside(edges: torch.Tensor, blocks, size) -> torch.Tensor:  # blocks x cells: rows of the cell inside
+        def overlap(edges: torch.Tensor, blocks) -> torch.Tensor:  # blocks x cells: rows of each cell in the near field
             i = torch.arange(blocks, device=edges.device)[:, None]
             lo = ((i - self.halo) * b).clamp(min=0)
             hi = torch.minimum((i + 1 + self.halo) * b, edges[-1:])
             return (torch.minimum(edges[None, 1:], hi) - torch.maximum(edges[None, :-1], lo)).clamp(min=0)
 
-        rows, cols = outside(er, nbh, h), outside(ec, nbw, w)  # nbh x gh, nbw x gw: overlap with the near field
+        rows, cols = overlap(er, nbh), overlap(ec, nbw)  # nbh x gh, nbw x gw
         cell = (er[1:] - er[:-1])[:, None] * (ec[1:] - ec[:-1])[None, :]  # gh x gw
         inside = rows[:, None, :, None] * cols[None, :, None, :]  # nbh nbw gh gw
         return (cell - inside).reshape(nbh, nbw, -1)
@@ -294,7 +288,7 @@ class WindowMixer(MultiscaleMixer):
 
     @classmethod
     def check_options(cls, *, window: int = 8, **_: Any) -> None:
-        _positive("window", window)
+        check_positive_int("window", window)
 
     @classmethod
     def options_text(cls, *, window: int = 8, **_: Any) -> str:

@@ -75,7 +75,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         h, w = args.resolution
     cost = compare_costs(base, converted, (c, h, w))  # on fake tensors: seconds at any resolution
     layers = attention_table(base, converted=names)
-    gh, gw = info.num_representatives
     no_reps = not variant_uses_representatives(info.variant)
     notes: List[str] = []
     if info.saves_nothing(cost.patch_grid):
@@ -83,8 +82,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                      + f" (FLOPs {change(cost.flops_before, cost.flops_after)})")
     report = {
         "model": args.model, "source": source.kind, "class": type(base).__name__,
-        "conversion": {**{k: v for k, v in info.config.to_dict().items() if k != "layers"},
-                       "converted_layers": info.converted_indices},
+        "conversion": {**info.config.options(), "converted_layers": info.converted_indices},
         "representative_grid_used": None if no_reps else list(info.grid_used(cost.patch_grid)),
         "representatives_per_head": None if no_reps else num_representatives_used(
             tuple(info.num_representatives), *cost.patch_grid, cost.num_prefix_tokens, info.extra_representatives),

@@ -41,7 +41,6 @@ def render_model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     conv, base = config["conversion"], config["base"]
-    gh, gw = conv["num_representatives"]
     library = base["library"]
     name = repo_id.split("/")[-1] if repo_id else "vit2cbsa model"
     task = "image-classification" if base.get("task") == "image-classification" else "image-feature-extraction"
@@ -49,8 +48,7 @@ def render_model_card(
     if metrics and dataset:
         eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=k,
                                    metric_value=float(v)) for k, v in metrics.items()]
-    options = {**{k: v for k, v in saved_config(conv).to_dict().items() if k != "layers"},
-               "converted_layers": conv["converted_layers"]}
+    options = {**saved_config(conv).options(), "converted_layers": conv["converted_layers"]}
     data = ModelCardData(
         library_name="vit2cbsa",
         license=license,
@@ -70,9 +68,8 @@ def render_model_card(
     card = ModelCard.from_template(
         data, template_path=str(TEMPLATE), title=name, base_model=config.get("base_model"), library=library,
         base_class=base["class"], architecture=base.get("architecture"), layers=options["converted_layers"],
-        num_attention_layers=conv["num_attention_layers"], variant=options["variant"], gh=gh, gw=gw,
-        extra_representatives=options["extra_representatives"], prefix_broadcast=options["prefix_broadcast"],
-        broadcast=options["broadcast"], library_version=config["library_version"], cost=cost, c=c, h=h, w=w,
+        num_attention_layers=conv["num_attention_layers"], variant=options["variant"],
+        library_version=config["library_version"], cost=cost, c=c, h=h, w=w,
         human=human, change=change, options=options, metrics=metrics or {}, dataset=dataset, repo_id=repo_id)
     return card.content
 

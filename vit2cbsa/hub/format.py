@@ -59,9 +59,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def conversion_json(info: "ConversionInfo") -> Dict[str, Any]:
     """The ``"conversion"`` entry of ``vit2cbsa_config.json`` for a model converted as ``info`` says."""
-    options = {k: v for k, v in info.config.to_dict().items() if k != "layers"}  # every ConversionConfig field
     return {
-        **options,
+        **info.config.options(),  # every ConversionConfig field
         "converted_layers": info.converted_indices,
         "num_attention_layers": info.num_attention_layers,
         "layer_names": [layer.name for layer in info.converted],

@@ -2,8 +2,8 @@
 
 :func:`atomic_folder` gives a temporary folder ``.NAME.tmp-HOST--PID--XXXX`` next to the target; when the
 block finishes the previous folder (if any) is renamed to ``.NAME.old-HOST--PID--XXXX``, the temporary one
-renamed into place (with the modes the umask gives, :func:`honour_umask`) and the old one removed. An error or interrupt removes the temporary folder; a killed
-process leaves it behind, and the next save to the same place removes it (:func:`remove_stale_temporaries`).
+renamed into place (with the modes the umask gives, :func:`honour_umask`) and the old one removed. An error or
+interrupt removes the temporary folder; a killed process leaves it behind, and the next save to the same place removes it (:func:`remove_stale_temporaries`).
 Also here: the sha256 and size of files (:func:`sha256`, :func:`file_table`), the safetensors shards
 (:func:`write_weights`) and the marker written last with ``fsync`` (:func:`write_synced`).
 """

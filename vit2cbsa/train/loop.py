@@ -30,8 +30,8 @@ from .final import save_final
 from .loading import converted_copy, load_data, load_model, plain_copy, training_datasets
 from .lock import hold_output_lock
 from .lora import lora_targets
-from .progress import progress_bar
 from .metrics import MetricsLog, StageClock
+from .progress import progress_bar
 from .sharding import (describe_units, fsdp_requested, full_state_dict, make_plugin, quiet_view_warning,
                        set_wrap_policy, shard_cpu_processes)
 from .stages import Stage, align_stage, finetune_stage, warmup_cosine
