@@ -227,6 +227,10 @@ def test_impossible_options_are_refused_when_the_config_is_made():
     with pytest.raises(UsageError, match="window must be a positive int, got 0"):
         ConversionConfig(variant="window", window=0)
     ConversionConfig(variant="window", fine_pool=3)  # window ignores fine_pool
+    for variant in ("multiscale", "window"):  # a window is padded to window^2 tokens: a huge one is refused
+        with pytest.raises(UsageError, match="window=100000 is larger than 256 patch tokens"):
+            ConversionConfig(variant=variant, window=100000, fine_pool=1)
+    assert ConversionConfig(variant="multiscale", window=256).window == 256
 
 
 def test_preset_on_the_command_line_and_options_over_it():

@@ -63,8 +63,19 @@ from .registry import register_variant
 # under torch.fx, q.dtype is a graph value: compute_dtype becomes a node of the graph, not a Python branch
 torch.fx.wrap("compute_dtype")
 
+#: the largest window side accepted (patch tokens): a window is padded to ``window^2`` tokens, so a saved config
+#: naming a huge one would allocate that much at the first forward pass
+MAX_WINDOW = 256
+
 #: the logit of an empty group (a padded cell, a far cell wholly inside the near field): exp() of it is 0
 MASKED = -1e30
+
+
+def _check_window(window: Any) -> None:
+    check_positive_int("window", window)
+    if window > MAX_WINDOW:
+        raise UsageError(f"window={window} is larger than {MAX_WINDOW} patch tokens (each window is padded to "
+                         f"window^2 tokens); use a window of at most {MAX_WINDOW}, e.g. 8 or 16")
 
 
 def _log_size(count: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -138,7 +149,7 @@ class MultiscaleMixer(Mixer):
     @classmethod
     def check_options(cls, *, window: int = 8, fine_pool: int = 2, **_: Any) -> None:
         """Refuse (:class:`~vit2cbsa.errors.UsageError`) options this variant cannot use."""
-        check_positive_int("window", window)
+        _check_window(window)
         check_positive_int("fine_pool", fine_pool)
         if window % fine_pool:
             raise UsageError(f"fine_pool={fine_pool} must divide window={window} (the near field's cells tile the "
@@ -288,7 +299,7 @@ class WindowMixer(MultiscaleMixer):
 
     @classmethod
     def check_options(cls, *, window: int = 8, **_: Any) -> None:
-        check_positive_int("window", window)
+        _check_window(window)
 
     @classmethod
     def options_text(cls, *, window: int = 8, **_: Any) -> str:
@@ -304,4 +315,4 @@ class WindowMixer(MultiscaleMixer):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, window={self.window}"
 
 
-__all__ = ["MASKED", "MultiscaleMixer", "WindowMixer"]
+__all__ = ["MASKED", "MAX_WINDOW", "MultiscaleMixer", "WindowMixer"]
